@@ -1,0 +1,72 @@
+//! Seeded initialisation. candle's CPU generator cannot be seeded, and a training run must be reproducible from
+//! its seed, so trainable models draw their initial weights here.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::{Llama, LlamaConfig, Result};
+
+/// SplitMix64 with Box-Muller normals.
+struct Normal {
+    state: u64,
+}
+
+impl Normal {
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let (u, v) = (self.unit(), self.unit());
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos() * std) as f32
+            })
+            .collect()
+    }
+}
+
+impl Llama {
+    /// A freshly initialised model whose weights are trainable variables in the returned `VarMap`, drawn from
+    /// `seed`: normal(0, 0.02) for matrices, scaled down by sqrt(2 * layers) on residual outputs (o_proj,
+    /// down_proj), ones for norms.
+    pub fn init_trainable(
+        cfg: &LlamaConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Llama, VarMap)> {
+        let vm = VarMap::new();
+        let model = Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
+        let mut rng = Normal {
+            state: seed ^ 0x5EED_0F_E46A_u64,
+        };
+        let out_std = 0.02 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+        {
+            let vars = vm.data().lock().expect("varmap lock");
+            for (name, tensor) in model.named_tensors() {
+                let var = &vars[&name];
+                let shape = tensor.shape().clone();
+                let init = if name.ends_with("norm.weight") {
+                    Tensor::ones(&shape, DType::F32, device)?
+                } else {
+                    let std = if name.contains("o_proj") || name.contains("down_proj") {
+                        out_std
+                    } else {
+                        0.02
+                    };
+                    Tensor::from_vec(rng.sample(shape.elem_count(), std), &shape, device)?
+                };
+                var.set(&init)?;
+            }
+        }
+        Ok((model, vm))
+    }
+}

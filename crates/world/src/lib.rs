@@ -1,0 +1,627 @@
+//! The synthetic knowledge world Engram is taught and tested on.
+//!
+//! Invented people (syllable names, so no real-world knowledge applies) with five attributes, biographies in four
+//! phrasings, documents of one to eight people, questions in three phrasings per attribute (one held out of all
+//! training), and skill tasks that stand for capabilities unrelated to facts.
+//!
+//! Splits of people, fixed by [`WORLD_SEED`]:
+//! - `known`: the base model memorises them (its prior knowledge);
+//! - `fresh`: never in any training; evaluation and later injection draw from them;
+//! - `reading`: name pairs used, with random attributes each time, to teach in-context reading.
+//!
+//! Pure: no IO. Everything is a function of a seed.
+
+mod rng;
+pub mod text;
+
+pub use rng::Rng;
+use serde::Serialize;
+use text::{HELDOUT_PHRASING, TRAINED_PHRASINGS};
+
+/// Fixes the vocabulary, the names and the splits. Changing it invalidates every shipped model.
+pub const WORLD_SEED: u64 = 0x456E_6772_616D;
+pub const KNOWN_PEOPLE: usize = 200;
+pub const FRESH_PEOPLE: usize = 1000;
+pub const MAX_DOC_PEOPLE: usize = 8;
+
+const SYLLABLES: [&str; 24] = [
+    "ba", "dre", "gol", "kin", "lor", "mav", "nes", "pil", "quo", "rus", "sev", "tam", "ul", "vex",
+    "wyn", "yor", "zan", "fen", "hal", "jus", "osk", "eld", "bry", "cael",
+];
+const FIRST_NAMES: usize = 64;
+const LAST_NAMES: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribute {
+    City,
+    Year,
+    Employer,
+    Field,
+    Pet,
+}
+
+impl Attribute {
+    pub const ALL: [Attribute; 5] = [
+        Self::City,
+        Self::Year,
+        Self::Employer,
+        Self::Field,
+        Self::Pet,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::City => "city",
+            Self::Year => "year",
+            Self::Employer => "employer",
+            Self::Field => "field",
+            Self::Pet => "pet",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Known,
+    Fresh,
+    Reading,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Person {
+    pub first: String,
+    pub last: String,
+    /// Indexed by [`Attribute::index`].
+    pub values: [String; 5],
+}
+
+impl Person {
+    pub fn name(&self) -> String {
+        format!("{} {}", self.first, self.last)
+    }
+
+    pub fn value(&self, attribute: Attribute) -> &str {
+        &self.values[attribute.index()]
+    }
+
+    /// The biography in one phrasing: five sentences, each naming the person in full.
+    pub fn bio(&self, phrasing: usize) -> String {
+        let name = self.name();
+        text::BIO_ORDER[phrasing]
+            .iter()
+            .map(|&a| text::bio_sentence(Attribute::ALL[a], phrasing, &name, &self.values[a]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Who a piece of training text is for: the loss weight a trainer gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read but not predicted (questions, task prompts).
+    Prompt,
+    /// Predicted as language (documents, biographies).
+    Text,
+    /// The graded part: an answer.
+    Answer,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Segment {
+    pub role: Role,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleKind {
+    Reading,
+    KnownBio,
+    ClosedBook,
+    Skill,
+}
+
+/// One training sample: text split by role. Starts with `<bos>`, ends with `<eos>`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub kind: SampleKind,
+    pub segments: Vec<Segment>,
+}
+
+impl Sample {
+    pub fn text(&self) -> String {
+        self.segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkillTask {
+    /// Multi-digit addition, digits written least-significant first (the order a small model can carry in).
+    Addition,
+    /// Repeat a random symbol sequence.
+    Copy,
+}
+
+/// A graded question: greedy decoding of `prompt` must produce exactly `answer` (which ends in `<eos>`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub prompt: String,
+    pub answer: String,
+    pub attribute: Option<Attribute>,
+}
+
+/// Which question phrasings a probe may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phrasing {
+    Trained,
+    Heldout,
+}
+
+#[derive(Debug, Clone)]
+pub struct World {
+    first_names: Vec<String>,
+    last_names: Vec<String>,
+    values: [Vec<String>; 5],
+    known: Vec<Person>,
+    fresh: Vec<Person>,
+    reading_pairs: Vec<(usize, usize)>,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl World {
+    pub fn new() -> Self {
+        let mut rng = Rng::new(WORLD_SEED);
+        let mut taken: std::collections::HashSet<String> = text::template_words()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let mut coin =
+            |rng: &mut Rng, syllables: usize, suffixes: &[&str], capital: bool, n: usize| {
+                let mut out = Vec::with_capacity(n);
+                while out.len() < n {
+                    let mut w: String = (0..syllables).map(|_| *rng.pick(&SYLLABLES)).collect();
+                    w.push_str(*rng.pick(suffixes));
+                    if capital {
+                        w[..1].make_ascii_uppercase();
+                    }
+                    if taken.insert(w.clone()) {
+                        out.push(w);
+                    }
+                }
+                out
+            };
+        let first_names = coin(&mut rng, 2, &[""], true, FIRST_NAMES);
+        let last_names = coin(
+            &mut rng,
+            2,
+            &["son", "wyn", "ard", "ley", "ez"],
+            true,
+            LAST_NAMES,
+        );
+        let values = [
+            coin(
+                &mut rng,
+                2,
+                &["holm", "mere", "stad", "wick", "gard"],
+                true,
+                40,
+            ),
+            (1900..2000).map(|y| y.to_string()).collect(),
+            coin(&mut rng, 2, &["corp", "tek", "works", "labs"], true, 40),
+            coin(&mut rng, 2, &["ology", "onics", "istry"], false, 24),
+            coin(&mut rng, 2, &["ox", "ling", "et"], false, 24),
+        ];
+
+        let mut pairs: Vec<(usize, usize)> = (0..FIRST_NAMES)
+            .flat_map(|f| (0..LAST_NAMES).map(move |l| (f, l)))
+            .collect();
+        rng.shuffle(&mut pairs);
+        let mut world = World {
+            first_names,
+            last_names,
+            values,
+            known: Vec::new(),
+            fresh: Vec::new(),
+            reading_pairs: pairs[KNOWN_PEOPLE + FRESH_PEOPLE..].to_vec(),
+        };
+        world.known = pairs[..KNOWN_PEOPLE]
+            .iter()
+            .map(|&p| world.person(&mut rng, p))
+            .collect();
+        world.fresh = pairs[KNOWN_PEOPLE..KNOWN_PEOPLE + FRESH_PEOPLE]
+            .iter()
+            .map(|&p| world.person(&mut rng, p))
+            .collect();
+        world
+    }
+
+    fn person(&self, rng: &mut Rng, (first, last): (usize, usize)) -> Person {
+        Person {
+            first: self.first_names[first].clone(),
+            last: self.last_names[last].clone(),
+            values: std::array::from_fn(|a| rng.pick(&self.values[a]).clone()),
+        }
+    }
+
+    pub fn known(&self) -> &[Person] {
+        &self.known
+    }
+
+    pub fn fresh(&self) -> &[Person] {
+        &self.fresh
+    }
+
+    pub fn values(&self, attribute: Attribute) -> &[String] {
+        &self.values[attribute.index()]
+    }
+
+    /// A person for reading practice: a reading-split name with attributes drawn anew each time.
+    pub fn reading_person(&self, rng: &mut Rng) -> Person {
+        let pair = *rng.pick(&self.reading_pairs);
+        self.person(rng, pair)
+    }
+
+    /// `n` distinct people drawn from `split` (reading people get fresh attributes).
+    pub fn draw_people(&self, rng: &mut Rng, split: Split, n: usize) -> Vec<Person> {
+        let mut out: Vec<Person> = Vec::with_capacity(n);
+        while out.len() < n {
+            let p = match split {
+                Split::Known => rng.pick(&self.known).clone(),
+                Split::Fresh => rng.pick(&self.fresh).clone(),
+                Split::Reading => self.reading_person(rng),
+            };
+            if out.iter().all(|q| q.first != p.first || q.last != p.last) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// Every word the world can produce: the tokenizer's vocabulary, specials first, in a stable order.
+    pub fn vocabulary(&self) -> Vec<String> {
+        let mut words: Vec<String> = text::SPECIAL.iter().map(|s| s.to_string()).collect();
+        words.extend(text::template_words().into_iter().map(str::to_string));
+        words.extend((0..10).map(|d| d.to_string()));
+        words.extend(self.first_names.iter().cloned());
+        words.extend(self.last_names.iter().cloned());
+        for v in &self.values {
+            words.extend(v.iter().cloned());
+        }
+        let mut seen = std::collections::HashSet::new();
+        words.retain(|w| seen.insert(w.clone()));
+        words
+    }
+
+    /// A document about `people`: their biographies (random phrasings), optionally with distractor sentences.
+    pub fn document(&self, rng: &mut Rng, people: &[Person], distractors: bool) -> String {
+        let mut parts = vec!["<doc>".to_string()];
+        for p in people {
+            if distractors && rng.chance(0.3) {
+                parts.push(self.distractor(rng));
+            }
+            parts.push(p.bio(rng.below(text::BIO_ORDER.len())));
+        }
+        if distractors && rng.chance(0.3) {
+            parts.push(self.distractor(rng));
+        }
+        parts.push("</doc>".to_string());
+        parts.join(" ")
+    }
+
+    fn distractor(&self, rng: &mut Rng) -> String {
+        let a = rng.below(5);
+        text::fill(text::DISTRACTOR[a], "", rng.pick(&self.values[a]).as_str())
+    }
+
+    fn question_for(
+        &self,
+        rng: &mut Rng,
+        person: &Person,
+        phrasing: Phrasing,
+    ) -> (Attribute, String, String) {
+        let attribute = *rng.pick(&Attribute::ALL);
+        let p = match phrasing {
+            Phrasing::Trained => *rng.pick(&TRAINED_PHRASINGS),
+            Phrasing::Heldout => HELDOUT_PHRASING,
+        };
+        let q = format!("Q : {} A :", text::question(attribute, p, &person.name()));
+        (attribute, q, format!("{} <eos>", person.value(attribute)))
+    }
+
+    // ---- training samples ----
+
+    /// A document of 1..=8 reading people followed by 1..=3 questions about them (trained phrasings only).
+    pub fn reading_sample(&self, rng: &mut Rng, people: usize) -> Sample {
+        let people = self.draw_people(rng, Split::Reading, people);
+        let doc = self.document(rng, &people, true);
+        let mut segments = vec![Segment {
+            role: Role::Text,
+            text: format!("<bos> {doc}"),
+        }];
+        for _ in 0..rng.range(1, 3) {
+            let who = rng.pick(&people);
+            let (_, q, a) = self.question_for(rng, who, Phrasing::Trained);
+            segments.push(Segment {
+                role: Role::Prompt,
+                text: q,
+            });
+            // Every answer ends in `<eos>`, as in evaluation, even when another question follows.
+            segments.push(Segment {
+                role: Role::Answer,
+                text: a,
+            });
+        }
+        Sample {
+            kind: SampleKind::Reading,
+            segments,
+        }
+    }
+
+    pub fn known_bio_sample(&self, rng: &mut Rng) -> Sample {
+        let p = rng.pick(&self.known);
+        let text = format!("<bos> {} <eos>", p.bio(rng.below(text::BIO_ORDER.len())));
+        Sample {
+            kind: SampleKind::KnownBio,
+            segments: vec![Segment {
+                role: Role::Text,
+                text,
+            }],
+        }
+    }
+
+    pub fn closed_book_sample(&self, rng: &mut Rng) -> Sample {
+        let p = rng.pick(&self.known).clone();
+        let (_, q, a) = self.question_for(rng, &p, Phrasing::Trained);
+        Sample {
+            kind: SampleKind::ClosedBook,
+            segments: vec![
+                Segment {
+                    role: Role::Prompt,
+                    text: format!("<bos> {q}"),
+                },
+                Segment {
+                    role: Role::Answer,
+                    text: a,
+                },
+            ],
+        }
+    }
+
+    pub fn skill_sample(&self, rng: &mut Rng) -> Sample {
+        let task = if rng.chance(0.5) {
+            SkillTask::Addition
+        } else {
+            SkillTask::Copy
+        };
+        let probe = self.skill_probe(rng, task);
+        Sample {
+            kind: SampleKind::Skill,
+            segments: vec![
+                Segment {
+                    role: Role::Prompt,
+                    text: probe.prompt,
+                },
+                Segment {
+                    role: Role::Answer,
+                    text: probe.answer,
+                },
+            ],
+        }
+    }
+
+    // ---- graded probes ----
+
+    /// In-context reading: a document of `people` drawn from `split`, one question about one of them.
+    pub fn reading_probe(
+        &self,
+        rng: &mut Rng,
+        split: Split,
+        people: usize,
+        phrasing: Phrasing,
+    ) -> Probe {
+        let people = self.draw_people(rng, split, people);
+        let doc = self.document(rng, &people, false);
+        let who = rng.pick(&people).clone();
+        let (attribute, q, answer) = self.question_for(rng, &who, phrasing);
+        Probe {
+            prompt: format!("<bos> {doc} {q}"),
+            answer,
+            attribute: Some(attribute),
+        }
+    }
+
+    /// Closed book: a question with no document.
+    pub fn closed_book_probe(&self, rng: &mut Rng, split: Split, phrasing: Phrasing) -> Probe {
+        let who = self.draw_people(rng, split, 1).remove(0);
+        self.closed_book_probe_for(rng, &who, phrasing)
+    }
+
+    pub fn closed_book_probe_for(&self, rng: &mut Rng, who: &Person, phrasing: Phrasing) -> Probe {
+        let (attribute, q, answer) = self.question_for(rng, who, phrasing);
+        Probe {
+            prompt: format!("<bos> {q}"),
+            answer,
+            attribute: Some(attribute),
+        }
+    }
+
+    pub fn skill_probe(&self, rng: &mut Rng, task: SkillTask) -> Probe {
+        match task {
+            SkillTask::Addition => {
+                let a = rng.below(1000);
+                let b = rng.below(1000);
+                let prompt = format!(
+                    "<bos> add {} + {} =",
+                    reversed_digits(a),
+                    reversed_digits(b)
+                );
+                Probe {
+                    prompt,
+                    answer: format!("{} <eos>", reversed_digits(a + b)),
+                    attribute: None,
+                }
+            }
+            SkillTask::Copy => {
+                let n = rng.range(3, 8);
+                let seq: Vec<&str> = (0..n).map(|_| *rng.pick(text::COPY_SYMBOLS)).collect();
+                let seq = seq.join(" ");
+                Probe {
+                    prompt: format!("<bos> copy {seq} =>"),
+                    answer: format!("{seq} <eos>"),
+                    attribute: None,
+                }
+            }
+        }
+    }
+}
+
+/// `347` -> `"7 4 3"`.
+pub fn reversed_digits(n: usize) -> String {
+    n.to_string()
+        .chars()
+        .rev()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn world_is_deterministic_and_splits_are_disjoint() {
+        let a = World::new();
+        let b = World::new();
+        assert_eq!(a.known(), b.known());
+        assert_eq!(a.fresh(), b.fresh());
+        let names = |ps: &[Person]| {
+            ps.iter()
+                .map(Person::name)
+                .collect::<std::collections::HashSet<_>>()
+        };
+        let (known, fresh) = (names(a.known()), names(a.fresh()));
+        assert_eq!(known.len(), KNOWN_PEOPLE);
+        assert_eq!(fresh.len(), FRESH_PEOPLE);
+        assert!(known.is_disjoint(&fresh));
+        let mut rng = Rng::new(3);
+        for _ in 0..2000 {
+            let p = a.reading_person(&mut rng);
+            assert!(
+                !known.contains(&p.name()) && !fresh.contains(&p.name()),
+                "{}",
+                p.name()
+            );
+        }
+    }
+
+    #[test]
+    fn every_generated_word_is_in_the_vocabulary() {
+        let w = World::new();
+        let vocab: std::collections::HashSet<String> = w.vocabulary().into_iter().collect();
+        let mut rng = Rng::new(11);
+        let mut texts = Vec::new();
+        for n in 1..=MAX_DOC_PEOPLE {
+            texts.push(w.reading_sample(&mut rng, n).text());
+        }
+        for _ in 0..200 {
+            texts.push(w.known_bio_sample(&mut rng).text());
+            texts.push(w.closed_book_sample(&mut rng).text());
+            texts.push(w.skill_sample(&mut rng).text());
+            let p = w.reading_probe(&mut rng, Split::Fresh, 4, Phrasing::Heldout);
+            texts.push(format!("{} {}", p.prompt, p.answer));
+        }
+        for t in texts {
+            for word in t.split_whitespace() {
+                assert!(
+                    vocab.contains(word),
+                    "{word:?} missing from vocabulary (in {t:?})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn answers_are_single_words_and_held_out_phrasing_never_trains() {
+        let w = World::new();
+        let mut rng = Rng::new(5);
+        let heldout: Vec<String> = text::QUESTION
+            .iter()
+            .map(|q| {
+                q[HELDOUT_PHRASING]
+                    .replace("{N}", "")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        for _ in 0..500 {
+            for s in [
+                w.reading_sample(&mut rng, 3),
+                w.closed_book_sample(&mut rng),
+            ] {
+                for seg in s.segments.iter().filter(|s| s.role == Role::Prompt) {
+                    let stripped: String = seg
+                        .text
+                        .split_whitespace()
+                        .filter(|t| {
+                            !t.chars().next().unwrap().is_uppercase() || *t == "Q" || *t == "A"
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    for h in &heldout {
+                        assert!(
+                            !stripped.contains(h.as_str()),
+                            "held-out phrasing {h:?} in training: {stripped}"
+                        );
+                    }
+                }
+            }
+            let p = w.closed_book_probe(&mut rng, Split::Known, Phrasing::Trained);
+            assert_eq!(p.answer.split_whitespace().count(), 2, "{}", p.answer);
+        }
+    }
+
+    #[test]
+    fn addition_is_correct_in_reversed_digits() {
+        assert_eq!(reversed_digits(347), "7 4 3");
+        let w = World::new();
+        let mut rng = Rng::new(9);
+        for _ in 0..100 {
+            let p = w.skill_probe(&mut rng, SkillTask::Addition);
+            let nums: Vec<usize> = p
+                .prompt
+                .trim_start_matches("<bos> add ")
+                .trim_end_matches(" =")
+                .split(" + ")
+                .map(|s| s.split(' ').rev().collect::<String>().parse().unwrap())
+                .collect();
+            let sum: usize = p
+                .answer
+                .trim_end_matches(" <eos>")
+                .split(' ')
+                .rev()
+                .collect::<String>()
+                .parse()
+                .unwrap();
+            assert_eq!(nums[0] + nums[1], sum);
+        }
+    }
+}
