@@ -1,1 +1,238 @@
-fn main() {}
+//! `engram`: the all-in-one command. For now: the world, base-model training, evaluation and benchmarks.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use engram_world::{Phrasing, Rng, SkillTask, Split, World};
+
+// candle allocates a fresh buffer per op; glibc's malloc page-faults on every one of them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Engram turns what a language model reads into what it knows.
+#[derive(Parser)]
+#[command(name = "engram", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The synthetic knowledge world.
+    #[command(subcommand)]
+    World(WorldCommand),
+    /// Train models.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Evaluate models.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Benchmarks, each measured against a reference in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum WorldCommand {
+    /// Print samples of each split and task: known and fresh people, documents, questions, skills.
+    Sample {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many samples of each kind.
+        #[arg(long, default_value_t = 2)]
+        count: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Train the base model on the world (reading, known people, skills); writes a Hugging Face model directory.
+    Base {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 3000)]
+        steps: u64,
+        /// Output directory (config.json, model.safetensors, tokenizer.json, MODEL_CARD.md, checkpoint/).
+        #[arg(long, default_value = "runs/base")]
+        out: PathBuf,
+        /// Continue from the checkpoint in the output directory.
+        #[arg(long)]
+        resume: bool,
+        /// A tiny configuration that trains in seconds (for smoke tests).
+        #[arg(long)]
+        tiny: bool,
+        /// Rows per batch (overrides the recipe).
+        #[arg(long)]
+        rows: Option<usize>,
+        /// Tokens per packed row (overrides the recipe).
+        #[arg(long)]
+        row_len: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face model directory.
+    #[arg(long, default_value = "models/base")]
+    model: PathBuf,
+    /// Seed that draws the evaluation people from the held-out split.
+    #[arg(long, default_value_t = engram_eval::DEFAULT_SEED)]
+    seed: u64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Exact-match accuracy on in-context reading, closed-book recall and skills.
+    Base {
+        #[command(flatten)]
+        args: ModelArgs,
+        /// Probes per suite.
+        #[arg(long, default_value_t = engram_eval::DEFAULT_ITEMS)]
+        items: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward-pass tokens/s of Engram's decoder against candle-transformers' Llama on the same weights.
+    Forward {
+        #[command(flatten)]
+        args: ModelArgs,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::World(WorldCommand::Sample { seed, count }) => world_sample(seed, count),
+        Command::Train(TrainCommand::Base { seed, steps, out, resume, tiny, rows, row_len }) => {
+            let mut cfg = if tiny {
+                engram_trainer::TrainConfig::tiny(seed, steps)
+            } else {
+                engram_trainer::TrainConfig::base(seed, steps)
+            };
+            cfg.rows = rows.unwrap_or(cfg.rows);
+            cfg.row_len = row_len.unwrap_or(cfg.row_len);
+            let s = engram_trainer::train(&cfg, &out, resume)?;
+            println!(
+                "trained {} steps, {} tokens in {:.0} s ({:.0} tokens/s); model in {}",
+                s.steps,
+                s.tokens,
+                s.wall_s,
+                s.tokens_per_s,
+                s.out.display()
+            );
+            print!("{}", s.report.table());
+            Ok(())
+        }
+        Command::Eval(EvalCommand::Base { args, items }) => {
+            let base = load(&args.model)?;
+            let world = World::new();
+            let report = engram_eval::evaluate_base(&base.llama, &base.tokenizer, &world, args.seed, items, |d, n| {
+                if !args.json {
+                    eprint!("\revaluating suite {d}/{n}");
+                }
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                eprintln!();
+                print!("{}", report.table());
+                show_answers(&base, &world, args.seed)?;
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Forward { args, batch, seq_len, rounds }) => {
+            let base = load(&args.model)?;
+            let r = engram_eval::bench::forward(&base.llama, args.seed, batch, seq_len, rounds)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "forward, batch {} x {} tokens, {} rounds\n  engram              {:>10.0} tokens/s\n  candle-transformers {:>10.0} tokens/s\n  ratio {:.3}  (max |logit diff| {:.2e})",
+                    r.batch, r.seq_len, r.rounds, r.engram_tokens_per_s, r.reference_tokens_per_s, r.ratio, r.max_abs_logit_diff
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn load(dir: &std::path::Path) -> Result<engram_model::BaseModel> {
+    engram_model::BaseModel::load(dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading model from {}", dir.display()))
+}
+
+/// A few questions answered in front of the user, so the table is not all they see.
+fn show_answers(base: &engram_model::BaseModel, world: &World, seed: u64) -> Result<()> {
+    let mut rng = Rng::derive(seed, 99);
+    let eos = base.token_id("<eos>")?;
+    println!("\nsample answers:");
+    let probes = [
+        ("in context", world.reading_probe(&mut rng, Split::Fresh, 2, Phrasing::Trained)),
+        ("held-out phrasing", world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout)),
+        ("closed book, known", world.closed_book_probe(&mut rng, Split::Known, Phrasing::Trained)),
+        ("closed book, fresh", world.closed_book_probe(&mut rng, Split::Fresh, Phrasing::Trained)),
+        ("skill", world.skill_probe(&mut rng, SkillTask::Addition)),
+    ];
+    for (label, p) in probes {
+        let ids = base.encode(&p.prompt)?;
+        let got = base.decode(&base.llama.generate_greedy(&ids, 8, eos, None)?)?;
+        let mark = if got == p.answer { "ok" } else { "WRONG" };
+        println!("  [{label}] {}\n    -> {got}   (expected {}; {mark})", p.prompt, p.answer);
+    }
+    Ok(())
+}
+
+fn world_sample(seed: u64, count: usize) -> Result<()> {
+    let world = World::new();
+    let mut rng = Rng::new(seed);
+    let show = |title: &str, items: Vec<String>| {
+        println!("== {title}");
+        for i in items {
+            println!("  {i}");
+        }
+    };
+    let people = |split: Split, rng: &mut Rng| -> Vec<String> {
+        world
+            .draw_people(rng, split, count)
+            .iter()
+            .map(|p| serde_json::to_string(p).expect("person serialises"))
+            .collect()
+    };
+    show("known people (memorised by the base model)", people(Split::Known, &mut rng));
+    show("fresh people (never in training; injected later)", people(Split::Fresh, &mut rng));
+    show("reading documents (training: 1-8 reading people, questions with answers)", {
+        (0..count).map(|i| world.reading_sample(&mut rng, 1 + i * 3 % 8).text()).collect()
+    });
+    show("known-person biography (training)", (0..count).map(|_| world.known_bio_sample(&mut rng).text()).collect());
+    show("closed-book question (training)", (0..count).map(|_| world.closed_book_sample(&mut rng).text()).collect());
+    show("held-out question phrasing (evaluation only)", {
+        (0..count)
+            .map(|_| {
+                let p = world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout);
+                format!("{} {}", p.prompt, p.answer)
+            })
+            .collect()
+    });
+    show("skills", {
+        (0..count)
+            .flat_map(|_| [SkillTask::Addition, SkillTask::Copy])
+            .map(|t| {
+                let p = world.skill_probe(&mut rng, t);
+                format!("{} {}", p.prompt, p.answer)
+            })
+            .collect()
+    });
+    Ok(())
+}

@@ -1,1 +1,143 @@
+//! Evaluations and benchmarks shared by the CLI, the trainer and the tests.
+#![forbid(unsafe_code)]
 
+pub mod bench;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use engram_model::{Llama, LoraSet, Tokenizer};
+use engram_world::{Phrasing, Probe, Rng, SkillTask, Split, World};
+use serde::Serialize;
+
+pub const DEFAULT_SEED: u64 = 20261126;
+pub const DEFAULT_ITEMS: usize = 200;
+
+/// The base model's capabilities, each an exact-match accuracy over `items` probes.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaseReport {
+    pub seed: u64,
+    pub items: usize,
+    /// In context, one-person documents of fresh people.
+    pub icl_single: f64,
+    /// In context, four-person documents of fresh people.
+    pub icl_multi: f64,
+    /// In context, one-person documents, the question phrasing held out of all training.
+    pub icl_heldout_phrasing: f64,
+    /// Closed book, people the model memorised.
+    pub closed_book_known: f64,
+    /// Closed book, fresh people: should be near chance before any injection.
+    pub closed_book_fresh: f64,
+    /// Multi-digit addition and sequence copying.
+    pub skills: f64,
+    /// `icl_single` broken down by attribute.
+    pub icl_single_by_attribute: BTreeMap<String, f64>,
+    pub seconds: f64,
+}
+
+/// The suites of the base evaluation, in report order.
+pub const SUITES: [&str; 6] =
+    ["icl_single", "icl_multi", "icl_heldout_phrasing", "closed_book_known", "closed_book_fresh", "skills"];
+
+/// Draws suite `index`'s `n` probes. People come from the `fresh` (held-out) split unless the suite is about known
+/// people; the seed picks which.
+pub fn suite_probes(world: &World, seed: u64, index: usize, n: usize) -> Vec<Probe> {
+    let mut rng = Rng::derive(seed, index as u64);
+    (0..n)
+        .map(|i| match SUITES[index] {
+            "icl_single" => world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Trained),
+            "icl_multi" => world.reading_probe(&mut rng, Split::Fresh, 4, Phrasing::Trained),
+            "icl_heldout_phrasing" => world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout),
+            "closed_book_known" => world.closed_book_probe(&mut rng, Split::Known, Phrasing::Trained),
+            "closed_book_fresh" => world.closed_book_probe(&mut rng, Split::Fresh, Phrasing::Trained),
+            "skills" => {
+                let task = if i % 2 == 0 { SkillTask::Addition } else { SkillTask::Copy };
+                world.skill_probe(&mut rng, task)
+            }
+            other => unreachable!("unknown suite {other}"),
+        })
+        .collect()
+}
+
+/// Greedy-decodes each probe and counts exact matches of the whole answer (including the closing `<eos>`).
+pub fn score(llama: &Llama, tokenizer: &Tokenizer, lora: Option<&LoraSet>, probes: &[Probe]) -> Result<Vec<bool>> {
+    let eos = tokenizer.token_to_id("<eos>").context("tokenizer has no <eos>")?;
+    probes
+        .iter()
+        .map(|p| {
+            let prompt = engram_model::encode(tokenizer, &p.prompt)?;
+            let answer = engram_model::encode(tokenizer, &p.answer)?;
+            let got = llama.generate_greedy(&prompt, answer.len(), eos, lora)?;
+            Ok(got == answer)
+        })
+        .collect()
+}
+
+fn mean(hits: &[bool]) -> f64 {
+    if hits.is_empty() {
+        return 0.0;
+    }
+    hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64
+}
+
+/// Runs every suite with `items` probes each. `progress(done, total)` is called after each suite.
+pub fn evaluate_base(
+    llama: &Llama,
+    tokenizer: &Tokenizer,
+    world: &World,
+    seed: u64,
+    items: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BaseReport> {
+    let start = Instant::now();
+    let mut acc = [0.0; 6];
+    let mut by_attribute = BTreeMap::new();
+    for (i, slot) in acc.iter_mut().enumerate() {
+        let probes = suite_probes(world, seed, i, items);
+        let hits = score(llama, tokenizer, None, &probes)?;
+        *slot = mean(&hits);
+        if SUITES[i] == "icl_single" {
+            for a in engram_world::Attribute::ALL {
+                let h: Vec<bool> =
+                    probes.iter().zip(&hits).filter(|(p, _)| p.attribute == Some(a)).map(|(_, &h)| h).collect();
+                by_attribute.insert(a.name().to_string(), mean(&h));
+            }
+        }
+        progress(i + 1, SUITES.len());
+    }
+    Ok(BaseReport {
+        seed,
+        items,
+        icl_single: acc[0],
+        icl_multi: acc[1],
+        icl_heldout_phrasing: acc[2],
+        closed_book_known: acc[3],
+        closed_book_fresh: acc[4],
+        skills: acc[5],
+        icl_single_by_attribute: by_attribute,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+impl BaseReport {
+    /// A human table.
+    pub fn table(&self) -> String {
+        let mut s = format!("base model evaluation (seed {}, {} items per suite)\n", self.seed, self.items);
+        s += &format!("{:<24} {:>8}\n", "suite", "accuracy");
+        for (name, v) in [
+            ("icl_single", self.icl_single),
+            ("icl_multi", self.icl_multi),
+            ("icl_heldout_phrasing", self.icl_heldout_phrasing),
+            ("closed_book_known", self.closed_book_known),
+            ("closed_book_fresh", self.closed_book_fresh),
+            ("skills", self.skills),
+        ] {
+            s += &format!("{name:<24} {v:>8.3}\n");
+        }
+        let attrs: Vec<String> = self.icl_single_by_attribute.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        s += &format!("icl_single by attribute: {}\n", attrs.join(", "));
+        s += &format!("took {:.1} s\n", self.seconds);
+        s
+    }
+}

@@ -95,8 +95,8 @@ impl LlamaConfig {
             hidden_size: 256,
             intermediate_size: 704,
             num_hidden_layers: 4,
-            num_attention_heads: 8,
-            num_key_value_heads: Some(8),
+            num_attention_heads: 4,
+            num_key_value_heads: Some(4),
             head_dim: None,
             vocab_size,
             rms_norm_eps: 1e-5,
@@ -118,33 +118,25 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Checks what the forward pass relies on, naming the offending field.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(ModelError::Config(msg));
-        if !self.architectures.iter().any(|a| a == "LlamaForCausalLM") && self.model_type != "llama"
-        {
+        if !self.architectures.iter().any(|a| a == "LlamaForCausalLM") && self.model_type != "llama" {
             return bad(format!(
                 "unsupported architecture {:?} (model_type {:?})",
                 self.architectures, self.model_type
             ));
         }
         if self.hidden_act != "silu" {
-            return bad(format!(
-                "hidden_act {:?} is not supported, only \"silu\"",
-                self.hidden_act
-            ));
+            return bad(format!("hidden_act {:?} is not supported, only \"silu\"", self.hidden_act));
         }
         if self.attention_bias {
             return bad("attention_bias = true is not supported".into());
         }
-        if self.num_attention_heads == 0
-            || self.kv_heads() == 0
-            || self.num_attention_heads % self.kv_heads() != 0
-        {
+        if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
@@ -152,17 +144,11 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!(
-                "head_dim {} must be even for rotary positions",
-                self.head_dim()
-            ));
+            return bad(format!("head_dim {} must be even for rotary positions", self.head_dim()));
         }
         if let Some(s) = &self.rope_scaling {
             if s.rope_type != "llama3" && s.rope_type != "default" {
-                return bad(format!(
-                    "rope_scaling type {:?} is not supported (llama3 or default)",
-                    s.rope_type
-                ));
+                return bad(format!("rope_scaling type {:?} is not supported (llama3 or default)", s.rope_type));
             }
         }
         Ok(())
@@ -171,14 +157,8 @@ impl LlamaConfig {
     /// Inverse rotary frequencies, one per pair of head dimensions, with Llama 3 scaling when configured.
     pub fn inv_freq(&self) -> Vec<f32> {
         let hd = self.head_dim();
-        let base: Vec<f64> = (0..hd / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64))
-            .collect();
-        let Some(s) = self
-            .rope_scaling
-            .as_ref()
-            .filter(|s| s.rope_type == "llama3")
-        else {
+        let base: Vec<f64> = (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") else {
             return base.into_iter().map(|f| f as f32).collect();
         };
         let orig = s.original_max_position_embeddings as f64;
@@ -191,8 +171,7 @@ impl LlamaConfig {
                 } else if wavelen > low_wavelen {
                     freq / s.factor
                 } else {
-                    let smooth = (orig / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * freq / s.factor + smooth * freq
                 };
                 f as f32
@@ -201,12 +180,7 @@ impl LlamaConfig {
     }
 
     pub fn param_count(&self) -> usize {
-        let (d, i, v, hd) = (
-            self.hidden_size,
-            self.intermediate_size,
-            self.vocab_size,
-            self.head_dim(),
-        );
+        let (d, i, v, hd) = (self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim());
         let q = self.num_attention_heads * hd;
         let kv = self.kv_heads() * hd;
         let layer = d * q + 2 * d * kv + q * d + 3 * d * i + 2 * d;

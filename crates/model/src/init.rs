@@ -38,16 +38,10 @@ impl Llama {
     /// A freshly initialised model whose weights are trainable variables in the returned `VarMap`, drawn from
     /// `seed`: normal(0, 0.02) for matrices, scaled down by sqrt(2 * layers) on residual outputs (o_proj,
     /// down_proj), ones for norms.
-    pub fn init_trainable(
-        cfg: &LlamaConfig,
-        seed: u64,
-        device: &Device,
-    ) -> Result<(Llama, VarMap)> {
+    pub fn init_trainable(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<(Llama, VarMap)> {
         let vm = VarMap::new();
         let model = Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
-        let mut rng = Normal {
-            state: seed ^ 0x5EED_0F_E46A_u64,
-        };
+        let mut rng = Normal { state: seed ^ 0x5EED_0F_E46A_u64 };
         let out_std = 0.02 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         {
             let vars = vm.data().lock().expect("varmap lock");
@@ -57,11 +51,7 @@ impl Llama {
                 let init = if name.ends_with("norm.weight") {
                     Tensor::ones(&shape, DType::F32, device)?
                 } else {
-                    let std = if name.contains("o_proj") || name.contains("down_proj") {
-                        out_std
-                    } else {
-                        0.02
-                    };
+                    let std = if name.contains("o_proj") || name.contains("down_proj") { out_std } else { 0.02 };
                     Tensor::from_vec(rng.sample(shape.elem_count(), std), &shape, device)?
                 };
                 var.set(&init)?;

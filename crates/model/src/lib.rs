@@ -13,6 +13,7 @@ mod config;
 mod init;
 mod llama;
 pub mod lora;
+mod softmax;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,15 +31,9 @@ pub enum ModelError {
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: invalid json: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     #[error("invalid config: {0}")]
     Config(String),
     #[error("invalid lora adapter: {0}")]
@@ -57,17 +52,13 @@ pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let cfg: LlamaConfig =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path, source })?;
+    let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json { path, source })?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -81,18 +72,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(WEIGHTS_INDEX_FILE);
     let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
     let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: index.clone(),
-            source,
-        })?;
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
     let map = json["weight_map"]
         .as_object()
         .ok_or_else(|| ModelError::Config(format!("{}: no weight_map", index.display())))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|v| v.as_str())
-        .map(|f| dir.join(f))
-        .collect();
+    let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
     Ok(files)
@@ -145,15 +129,8 @@ impl Llama {
         if prompt.is_empty() {
             return Err(ModelError::Input("empty prompt".into()));
         }
-        let max_new = max_new.min(
-            self.config()
-                .max_position_embeddings
-                .saturating_sub(prompt.len()),
-        );
-        let opts = ForwardOptions {
-            lora,
-            ..ForwardOptions::inference()
-        };
+        let max_new = max_new.min(self.config().max_position_embeddings.saturating_sub(prompt.len()));
+        let opts = ForwardOptions { lora, ..ForwardOptions::inference() };
         let mut cache = KvCache::new(self.config());
         let mut next = Tensor::new(prompt, self.device())?.unsqueeze(0)?;
         let mut out = Vec::new();
@@ -195,11 +172,7 @@ impl BaseModel {
         for f in weight_files(dir)? {
             hasher.update(std::fs::read(&f).map_err(io_err(&f))?);
         }
-        Ok(Self {
-            llama,
-            tokenizer,
-            hash: hex::encode(hasher.finalize()),
-        })
+        Ok(Self { llama, tokenizer, hash: hex::encode(hasher.finalize()) })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -207,22 +180,18 @@ impl BaseModel {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.tokenizer.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, token: &str) -> Result<u32> {
-        self.tokenizer.token_to_id(token).ok_or_else(|| {
-            ModelError::Tokenizer(format!("token {token:?} is not in the vocabulary"))
-        })
+        self.tokenizer
+            .token_to_id(token)
+            .ok_or_else(|| ModelError::Tokenizer(format!("token {token:?} is not in the vocabulary")))
     }
 }
 
 /// Encodes without adding special tokens: Engram's texts spell out `<bos>` and `<eos>` themselves.
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let enc = tokenizer
-        .encode(text, false)
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let enc = tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     Ok(enc.get_ids().to_vec())
 }

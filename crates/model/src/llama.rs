@@ -41,11 +41,7 @@ pub struct ForwardOptions<'a> {
 
 impl<'a> ForwardOptions<'a> {
     pub fn inference() -> Self {
-        Self {
-            kernels: Kernels::Fused,
-            last_only: true,
-            ..Self::default()
-        }
+        Self { kernels: Kernels::Fused, last_only: true, ..Self::default() }
     }
 }
 
@@ -66,17 +62,12 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig) -> Self {
-        Self {
-            layers: vec![None; cfg.num_hidden_layers],
-        }
+        Self { layers: vec![None; cfg.num_hidden_layers] }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
     }
 
     pub fn is_empty(&self) -> bool {
@@ -119,19 +110,12 @@ impl Llama {
         let std = 0.02;
         // Residual-branch outputs start smaller so the stream's variance does not grow with depth (GPT-2 style).
         let out_std = std / (2.0 * cfg.num_hidden_layers as f64).sqrt();
-        let randn = |s: f64| Init::Randn {
-            mean: 0.0,
-            stdev: s,
-        };
+        let randn = |s: f64| Init::Randn { mean: 0.0, stdev: s };
         let linear = |vb: &VarBuilder, m: Module, s: f64| -> Result<Linear> {
             let (i, o) = m.dims(cfg);
-            Ok(Linear::new(
-                vb.get_with_hints((o, i), &format!("{}.weight", m.path()), randn(s))?,
-                None,
-            ))
+            Ok(Linear::new(vb.get_with_hints((o, i), &format!("{}.weight", m.path()), randn(s))?, None))
         };
-        let embed =
-            vb.get_with_hints((cfg.vocab_size, d), "model.embed_tokens.weight", randn(std))?;
+        let embed = vb.get_with_hints((cfg.vocab_size, d), "model.embed_tokens.weight", randn(std))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let vb = vb.pp(format!("model.layers.{i}"));
@@ -141,11 +125,7 @@ impl Llama {
                 k: linear(&vb, Module::K, std)?,
                 v: linear(&vb, Module::V, std)?,
                 o: linear(&vb, Module::O, out_std)?,
-                mlp_norm: vb.get_with_hints(
-                    d,
-                    "post_attention_layernorm.weight",
-                    Init::Const(1.0),
-                )?,
+                mlp_norm: vb.get_with_hints(d, "post_attention_layernorm.weight", Init::Const(1.0))?,
                 gate: linear(&vb, Module::Gate, std)?,
                 up: linear(&vb, Module::Up, std)?,
                 down: linear(&vb, Module::Down, out_std)?,
@@ -155,21 +135,10 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed.clone(), None)
         } else {
-            Linear::new(
-                vb.get_with_hints((cfg.vocab_size, d), "lm_head.weight", randn(std))?,
-                None,
-            )
+            Linear::new(vb.get_with_hints((cfg.vocab_size, d), "lm_head.weight", randn(std))?, None)
         };
         let (cos, sin) = rope_tables(cfg, vb.device(), vb.dtype())?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-            cos,
-            sin,
-        })
+        Ok(Self { cfg: cfg.clone(), embed, layers, norm, lm_head, cos, sin })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -190,10 +159,7 @@ impl Llama {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), l.attn_norm.clone()));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.mlp_norm.clone(),
-            ));
+            out.push((format!("{p}.post_attention_layernorm.weight"), l.mlp_norm.clone()));
             for (m, lin) in [
                 (Module::Q, &l.q),
                 (Module::K, &l.k),
@@ -228,22 +194,12 @@ impl Llama {
     }
 
     /// A full forward pass over `ids` (`batch x seq`, u32) with no cache.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        positions: &Positions,
-        opts: &ForwardOptions,
-    ) -> Result<ForwardOutput> {
+    pub fn forward(&self, ids: &Tensor, positions: &Positions, opts: &ForwardOptions) -> Result<ForwardOutput> {
         self.run(ids, positions, None, opts)
     }
 
     /// Appends `ids` to `cache` and returns logits for the new positions.
-    pub fn forward_cached(
-        &self,
-        ids: &Tensor,
-        cache: &mut KvCache,
-        opts: &ForwardOptions,
-    ) -> Result<ForwardOutput> {
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, opts: &ForwardOptions) -> Result<ForwardOutput> {
         let from = cache.len();
         self.run(ids, &Positions::From(from), Some(cache), opts)
     }
@@ -276,10 +232,7 @@ impl Llama {
             Positions::From(_) if t > 1 => Some(causal_mask(t, past, self.device())?),
             Positions::From(_) => None,
         };
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         let mut residuals = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             if opts.capture_residuals {
@@ -291,22 +244,11 @@ impl Llama {
         if opts.capture_residuals {
             residuals.push(x.clone());
         }
-        let x = if opts.last_only {
-            x.i((.., t - 1..t, ..))?.contiguous()?
-        } else {
-            x
-        };
+        let x = if opts.last_only { x.i((.., t - 1..t, ..))?.contiguous()? } else { x };
         let x = self.rms_norm(&x, &self.norm, opts.kernels)?;
         let logits = self.lm_head.forward(&x)?;
-        let logits = if opts.last_only {
-            logits.squeeze(1)?
-        } else {
-            logits
-        };
-        Ok(ForwardOutput {
-            logits: logits.to_dtype(DType::F32)?,
-            residuals,
-        })
+        let logits = if opts.last_only { logits.squeeze(1)? } else { logits };
+        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, residuals })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -321,11 +263,7 @@ impl Llama {
         opts: &ForwardOptions,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (h, kvh, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.kv_heads(),
-            self.cfg.head_dim(),
-        );
+        let (h, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let lin = |m: Module, w: &Linear, x: &Tensor| -> Result<Tensor> {
             let y = w.forward(x)?;
             match opts.lora.and_then(|s| s.get(index, m)) {
@@ -335,18 +273,9 @@ impl Llama {
         };
 
         let hx = self.rms_norm(x, &l.attn_norm, opts.kernels)?;
-        let q = lin(Module::Q, &l.q, &hx)?
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = lin(Module::K, &l.k, &hx)?
-            .reshape((b, t, kvh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = lin(Module::V, &l.v, &hx)?
-            .reshape((b, t, kvh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = lin(Module::Q, &l.q, &hx)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = lin(Module::K, &l.k, &hx)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = lin(Module::V, &l.v, &hx)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let q = rope.apply(&q)?;
         let mut k = rope.apply(&k)?;
         let mut v = v;
@@ -359,12 +288,14 @@ impl Llama {
         }
         let k = repeat_kv(k, h / kvh)?;
         let v = repeat_kv(v, h / kvh)?;
-        let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        // Scaling q (t x hd) is cheaper than scaling the scores (t x t).
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        let mut att = q.matmul(&k.t()?)?;
         if let Some(m) = mask {
             att = att.broadcast_add(m)?;
         }
         let att = match opts.kernels {
-            Kernels::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
+            Kernels::Differentiable => crate::softmax::softmax_last_dim(&att)?,
             Kernels::Fused => candle_nn::ops::softmax_last_dim(&att)?,
         };
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
@@ -385,34 +316,22 @@ impl Llama {
                 let dtype = x.dtype();
                 let x = x.to_dtype(DType::F32)?;
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-                x.broadcast_div(&(ms + eps)?.sqrt()?)?
-                    .to_dtype(dtype)?
-                    .broadcast_mul(w)?
+                x.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?.broadcast_mul(w)?
             }
         })
     }
 
-    fn rope_for(
-        &self,
-        positions: &Positions,
-        b: usize,
-        t: usize,
-        kernels: Kernels,
-    ) -> Result<Rope> {
+    fn rope_for(&self, positions: &Positions, b: usize, t: usize, kernels: Kernels) -> Result<Rope> {
         Ok(match (positions, kernels) {
-            (Positions::From(p), Kernels::Fused) => Rope::Fused {
-                cos: self.cos.narrow(0, *p, t)?,
-                sin: self.sin.narrow(0, *p, t)?,
-            },
+            (Positions::From(p), Kernels::Fused) => {
+                Rope::Fused { cos: self.cos.narrow(0, *p, t)?, sin: self.sin.narrow(0, *p, t)? }
+            }
             (Positions::From(p), Kernels::Differentiable) => {
                 let full = |x: &Tensor| -> Result<Tensor> {
                     let x = x.narrow(0, *p, t)?;
                     Ok(Tensor::cat(&[&x, &x], D::Minus1)?.reshape((1, 1, t, ()))?)
                 };
-                Rope::Broadcast {
-                    cos: full(&self.cos)?,
-                    sin: full(&self.sin)?,
-                }
+                Rope::Broadcast { cos: full(&self.cos)?, sin: full(&self.sin)? }
             }
             (Positions::Packed { positions, .. }, _) => {
                 let idx = positions.flatten_all()?;
@@ -420,10 +339,7 @@ impl Llama {
                     let x = x.index_select(&idx, 0)?;
                     Ok(Tensor::cat(&[&x, &x], D::Minus1)?.reshape((b, 1, t, ()))?)
                 };
-                Rope::Broadcast {
-                    cos: full(&self.cos)?,
-                    sin: full(&self.sin)?,
-                }
+                Rope::Broadcast { cos: full(&self.cos)?, sin: full(&self.sin)? }
             }
         })
     }
@@ -455,23 +371,15 @@ fn rope_tables(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tens
     let inv = cfg.inv_freq();
     let n = cfg.max_position_embeddings;
     let inv = Tensor::from_vec(inv.clone(), (1, inv.len()), device)?;
-    let pos = Tensor::arange(0u32, n as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((n, 1))?;
+    let pos = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
     let angles = pos.matmul(&inv)?;
-    Ok((
-        angles.cos()?.to_dtype(dtype)?,
-        angles.sin()?.to_dtype(dtype)?,
-    ))
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
 }
 
 /// Additive causal mask for `t` new positions after `past` cached ones: `t x (past + t)`.
 fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-        })
-        .collect();
+    let data: Vec<f32> =
+        (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(data, (t, past + t), device)?)
 }
 
@@ -480,7 +388,5 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
         return Ok(x);
     }
     let (b, kvh, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, kvh, n, t, hd))?
-        .reshape((b, kvh * n, t, hd))?)
+    Ok(x.unsqueeze(2)?.broadcast_as((b, kvh, n, t, hd))?.reshape((b, kvh * n, t, hd))?)
 }

@@ -25,15 +25,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 7] = [
-        Self::Q,
-        Self::K,
-        Self::V,
-        Self::O,
-        Self::Gate,
-        Self::Up,
-        Self::Down,
-    ];
+    pub const ALL: [Module; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
 
     /// The tensor path inside a layer, e.g. `mlp.down_proj`.
     pub fn path(self) -> &'static str {
@@ -93,26 +85,14 @@ impl LoraAdapter {
             let h = x.reshape((b * t, i))?.matmul(&self.a.t()?)?;
             h.matmul(&self.b.t()?)?.reshape((b, t, ()))?
         } else {
-            x.matmul(&self.a.transpose(1, 2)?)?
-                .matmul(&self.b.transpose(1, 2)?)?
+            x.matmul(&self.a.transpose(1, 2)?)?.matmul(&self.b.transpose(1, 2)?)?
         };
         Ok((y * self.scale)?)
     }
 
-    fn check(
-        &self,
-        layer: usize,
-        module: Module,
-        cfg: &LlamaConfig,
-        batch: Option<usize>,
-    ) -> Result<()> {
+    fn check(&self, layer: usize, module: Module, cfg: &LlamaConfig, batch: Option<usize>) -> Result<()> {
         let (fan_in, fan_out) = module.dims(cfg);
-        let bad = |msg: String| {
-            Err(ModelError::Lora(format!(
-                "layer {layer} {}: {msg}",
-                module.path()
-            )))
-        };
+        let bad = |msg: String| Err(ModelError::Lora(format!("layer {layer} {}: {msg}", module.path())));
         let (ar, br) = (self.a.rank(), self.b.rank());
         if !(ar == br && (ar == 2 || ar == 3)) {
             return bad(format!(
@@ -124,19 +104,14 @@ impl LoraAdapter {
         let (ad, bd) = (self.a.dims(), self.b.dims());
         let r = ad[ar - 2];
         if ad[ar - 1] != fan_in || bd[br - 2] != fan_out || bd[br - 1] != r || r == 0 {
-            return bad(format!(
-                "expected A [.., r, {fan_in}] and B [.., {fan_out}, r], got A {ad:?} and B {bd:?}"
-            ));
+            return bad(format!("expected A [.., r, {fan_in}] and B [.., {fan_out}, r], got A {ad:?} and B {bd:?}"));
         }
         if ar == 3 {
             if ad[0] != bd[0] {
                 return bad(format!("A has batch {} but B has batch {}", ad[0], bd[0]));
             }
             if let Some(n) = batch.filter(|&n| n != ad[0]) {
-                return bad(format!(
-                    "per-example adapter for {} examples applied to a batch of {n}",
-                    ad[0]
-                ));
+                return bad(format!("per-example adapter for {} examples applied to a batch of {n}", ad[0]));
             }
         }
         if !self.scale.is_finite() {

@@ -2,9 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use engram_model::{
-    ForwardOptions, Kernels, KvCache, Llama, LlamaConfig, LoraAdapter, LoraSet, Module, Positions,
-};
+use engram_model::{ForwardOptions, Kernels, KvCache, Llama, LlamaConfig, LoraAdapter, LoraSet, Module, Positions};
 
 fn tiny_config(kv_heads: usize, tie: bool) -> LlamaConfig {
     let mut cfg = LlamaConfig::small(53);
@@ -33,41 +31,20 @@ fn trainable(cfg: &LlamaConfig, seed: u64) -> (Llama, VarMap) {
 }
 
 fn ids(rows: &[&[u32]]) -> Tensor {
-    Tensor::new(
-        rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap()
+    Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn reference(
-    model: &Llama,
-) -> (
-    candle_transformers::models::llama::Llama,
-    candle_transformers::models::llama::Config,
-) {
+fn reference(model: &Llama) -> (candle_transformers::models::llama::Llama, candle_transformers::models::llama::Config) {
     let json = serde_json::to_string(model.config()).unwrap();
     let cfg: candle_transformers::models::llama::LlamaConfig = serde_json::from_str(&json).unwrap();
     let cfg = cfg.into_config(false);
     let tensors = model.named_tensors().into_iter().collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    (
-        candle_transformers::models::llama::Llama::load(vb, &cfg).unwrap(),
-        cfg,
-    )
+    (candle_transformers::models::llama::Llama::load(vb, &cfg).unwrap(), cfg)
 }
 
 #[test]
@@ -79,29 +56,14 @@ fn logits_match_candle_transformers_llama() {
         let seq: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 53).collect();
         for len in [1, 5, 40] {
             let input = ids(&[&seq[..len]]);
-            let mut cache = candle_transformers::models::llama::Cache::new(
-                false,
-                DType::F32,
-                &their_cfg,
-                &Device::Cpu,
-            )
-            .unwrap();
+            let mut cache =
+                candle_transformers::models::llama::Cache::new(false, DType::F32, &their_cfg, &Device::Cpu).unwrap();
             let want = theirs.forward(&input, 0, &mut cache).unwrap();
             for kernels in [Kernels::Differentiable, Kernels::Fused] {
-                let opts = ForwardOptions {
-                    kernels,
-                    last_only: true,
-                    ..Default::default()
-                };
-                let got = model
-                    .forward(&input, &Positions::From(0), &opts)
-                    .unwrap()
-                    .logits;
+                let opts = ForwardOptions { kernels, last_only: true, ..Default::default() };
+                let got = model.forward(&input, &Positions::From(0), &opts).unwrap().logits;
                 let diff = max_abs_diff(&got, &want);
-                assert!(
-                    diff < 1e-4,
-                    "kv_heads {kv_heads} tie {tie} len {len} {kernels:?}: max diff {diff}"
-                );
+                assert!(diff < 1e-4, "kv_heads {kv_heads} tie {tie} len {len} {kernels:?}: max diff {diff}");
             }
         }
     }
@@ -113,27 +75,17 @@ fn kv_cache_decoding_matches_full_forward() {
     let (model, _vm) = trainable(&cfg, 2);
     let seq: Vec<u32> = (0..12).map(|i| (i * 5 + 1) % 53).collect();
     let full = model
-        .forward(
-            &ids(&[&seq]),
-            &Positions::From(0),
-            &ForwardOptions::default(),
-        )
+        .forward(&ids(&[&seq]), &Positions::From(0), &ForwardOptions::default())
         .unwrap()
         .logits
         .squeeze(0)
         .unwrap();
     let mut cache = KvCache::new(&cfg);
     let opts = ForwardOptions::inference();
-    let prefill = model
-        .forward_cached(&ids(&[&seq[..7]]), &mut cache, &opts)
-        .unwrap()
-        .logits;
+    let prefill = model.forward_cached(&ids(&[&seq[..7]]), &mut cache, &opts).unwrap().logits;
     assert!(max_abs_diff(&prefill.squeeze(0).unwrap(), &full.get(6).unwrap()) < 1e-4);
     for (i, &tok) in seq.iter().enumerate().skip(7) {
-        let step = model
-            .forward_cached(&ids(&[&[tok]]), &mut cache, &opts)
-            .unwrap()
-            .logits;
+        let step = model.forward_cached(&ids(&[&[tok]]), &mut cache, &opts).unwrap().logits;
         let diff = max_abs_diff(&step.squeeze(0).unwrap(), &full.get(i).unwrap());
         assert!(diff < 1e-4, "position {i}: {diff}");
     }
@@ -142,11 +94,7 @@ fn kv_cache_decoding_matches_full_forward() {
 
 fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
     let v = logits.dim(D::Minus1).unwrap();
-    candle_nn::loss::cross_entropy(
-        &logits.reshape(((), v)).unwrap(),
-        &targets.flatten_all().unwrap(),
-    )
-    .unwrap()
+    candle_nn::loss::cross_entropy(&logits.reshape(((), v)).unwrap(), &targets.flatten_all().unwrap()).unwrap()
 }
 
 #[test]
@@ -156,49 +104,24 @@ fn every_trainable_variable_gets_a_nonzero_gradient() {
         let (model, vm) = trainable(&cfg, 3);
         let input = ids(&[&[1, 2, 3, 4, 5, 6], &[7, 8, 9, 10, 11, 12]]);
         let targets = ids(&[&[2, 3, 4, 5, 6, 7], &[8, 9, 10, 11, 12, 13]]);
-        let logits = model
-            .forward(&input, &Positions::From(0), &ForwardOptions::default())
-            .unwrap()
-            .logits;
+        let logits = model.forward(&input, &Positions::From(0), &ForwardOptions::default()).unwrap().logits;
         let grads = cross_entropy(&logits, &targets).backward().unwrap();
         let data = vm.data().lock().unwrap();
-        assert_eq!(
-            data.len(),
-            cfg.num_hidden_layers * 9 + 2 + usize::from(!tie)
-        );
+        assert_eq!(data.len(), cfg.num_hidden_layers * 9 + 2 + usize::from(!tie));
         for (name, var) in data.iter() {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(norm > 0.0, "{name}: zero gradient");
         }
     }
 }
 
-fn random_adapter(
-    cfg: &LlamaConfig,
-    module: Module,
-    rank: usize,
-    batch: Option<usize>,
-) -> LoraAdapter {
+fn random_adapter(cfg: &LlamaConfig, module: Module, rank: usize, batch: Option<usize>) -> LoraAdapter {
     let (i, o) = module.dims(cfg);
     let dev = Device::Cpu;
     let (a, b) = match batch {
-        None => (
-            Tensor::randn(0f32, 0.3, (rank, i), &dev),
-            Tensor::randn(0f32, 0.3, (o, rank), &dev),
-        ),
-        Some(n) => (
-            Tensor::randn(0f32, 0.3, (n, rank, i), &dev),
-            Tensor::randn(0f32, 0.3, (n, o, rank), &dev),
-        ),
+        None => (Tensor::randn(0f32, 0.3, (rank, i), &dev), Tensor::randn(0f32, 0.3, (o, rank), &dev)),
+        Some(n) => (Tensor::randn(0f32, 0.3, (n, rank, i), &dev), Tensor::randn(0f32, 0.3, (n, o, rank), &dev)),
     };
     LoraAdapter::new(a.unwrap(), b.unwrap(), 2.0)
 }
@@ -209,15 +132,9 @@ fn lora_on_every_module_is_differentiable_and_changes_output() {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let model = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-    let frozen = Llama::new(
-        &cfg,
-        VarBuilder::from_tensors(
-            model.named_tensors().into_iter().collect(),
-            DType::F32,
-            &dev,
-        ),
-    )
-    .unwrap();
+    let frozen =
+        Llama::new(&cfg, VarBuilder::from_tensors(model.named_tensors().into_iter().collect(), DType::F32, &dev))
+            .unwrap();
     let mut lora = LoraSet::new();
     let mut vars = Vec::new();
     for layer in 0..cfg.num_hidden_layers {
@@ -225,45 +142,21 @@ fn lora_on_every_module_is_differentiable_and_changes_output() {
             let ad = random_adapter(&cfg, m, 3, None);
             let a = candle_core::Var::from_tensor(&ad.a).unwrap();
             let b = candle_core::Var::from_tensor(&ad.b).unwrap();
-            lora.insert(
-                layer,
-                m,
-                LoraAdapter::new(a.as_tensor().clone(), b.as_tensor().clone(), 0.5),
-            );
+            lora.insert(layer, m, LoraAdapter::new(a.as_tensor().clone(), b.as_tensor().clone(), 0.5));
             vars.push((format!("{layer}.{m:?}"), a, b));
         }
     }
     let input = ids(&[&[1, 2, 3, 4, 5]]);
     let targets = ids(&[&[2, 3, 4, 5, 6]]);
-    let base = frozen
-        .forward(&input, &Positions::From(0), &ForwardOptions::default())
-        .unwrap()
-        .logits;
-    let opts = ForwardOptions {
-        lora: Some(&lora),
-        ..Default::default()
-    };
-    let adapted = frozen
-        .forward(&input, &Positions::From(0), &opts)
-        .unwrap()
-        .logits;
+    let base = frozen.forward(&input, &Positions::From(0), &ForwardOptions::default()).unwrap().logits;
+    let opts = ForwardOptions { lora: Some(&lora), ..Default::default() };
+    let adapted = frozen.forward(&input, &Positions::From(0), &opts).unwrap().logits;
     assert!(max_abs_diff(&base, &adapted) > 1e-3);
     let grads = cross_entropy(&adapted, &targets).backward().unwrap();
     for (name, a, b) in &vars {
         for (which, v) in [("A", a), ("B", b)] {
-            let g = grads
-                .get(v)
-                .unwrap_or_else(|| panic!("{name} {which}: no gradient"));
-            assert!(
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0,
-                "{name} {which}"
-            );
+            let g = grads.get(v).unwrap_or_else(|| panic!("{name} {which}: no gradient"));
+            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name} {which}");
         }
     }
 }
@@ -276,27 +169,15 @@ fn per_example_lora_equals_running_each_example_alone() {
     let mut set = LoraSet::new();
     set.insert(1, Module::Down, batched.clone());
     let rows: [&[u32]; 2] = [&[1, 2, 3, 4], &[9, 8, 7, 6]];
-    let opts = ForwardOptions {
-        lora: Some(&set),
-        ..Default::default()
-    };
-    let both = model
-        .forward(&ids(&rows), &Positions::From(0), &opts)
-        .unwrap()
-        .logits;
+    let opts = ForwardOptions { lora: Some(&set), ..Default::default() };
+    let both = model.forward(&ids(&rows), &Positions::From(0), &opts).unwrap().logits;
     for (i, row) in rows.iter().enumerate() {
         let mut alone = LoraSet::new();
         let a = batched.a.get(i).unwrap();
         let b = batched.b.get(i).unwrap();
         alone.insert(1, Module::Down, LoraAdapter::new(a, b, batched.scale));
-        let opts = ForwardOptions {
-            lora: Some(&alone),
-            ..Default::default()
-        };
-        let one = model
-            .forward(&ids(&[row]), &Positions::From(0), &opts)
-            .unwrap()
-            .logits;
+        let opts = ForwardOptions { lora: Some(&alone), ..Default::default() };
+        let one = model.forward(&ids(&[row]), &Positions::From(0), &opts).unwrap().logits;
         let diff = max_abs_diff(&one.squeeze(0).unwrap(), &both.get(i).unwrap());
         assert!(diff < 1e-5, "example {i}: {diff}");
     }
@@ -308,25 +189,13 @@ fn lora_shape_errors_name_the_module() {
     let (model, _vm) = trainable(&cfg, 5);
     let mut set = LoraSet::new();
     set.insert(0, Module::Down, random_adapter(&cfg, Module::Up, 2, None));
-    let opts = ForwardOptions {
-        lora: Some(&set),
-        ..Default::default()
-    };
-    let err = model
-        .forward(&ids(&[&[1, 2]]), &Positions::From(0), &opts)
-        .unwrap_err()
-        .to_string();
+    let opts = ForwardOptions { lora: Some(&set), ..Default::default() };
+    let err = model.forward(&ids(&[&[1, 2]]), &Positions::From(0), &opts).unwrap_err().to_string();
     assert!(err.contains("layer 0 mlp.down_proj"), "{err}");
     let mut set = LoraSet::new();
     set.insert(7, Module::Q, random_adapter(&cfg, Module::Q, 2, None));
-    let opts = ForwardOptions {
-        lora: Some(&set),
-        ..Default::default()
-    };
-    let err = model
-        .forward(&ids(&[&[1, 2]]), &Positions::From(0), &opts)
-        .unwrap_err()
-        .to_string();
+    let opts = ForwardOptions { lora: Some(&set), ..Default::default() };
+    let err = model.forward(&ids(&[&[1, 2]]), &Positions::From(0), &opts).unwrap_err().to_string();
     assert!(err.contains("layer 7"), "{err}");
 }
 
@@ -339,35 +208,17 @@ fn packed_rows_equal_separate_sequences() {
     let positions = Tensor::new(&[[0u32, 1, 2, 0, 1, 2, 3]], &Device::Cpu).unwrap();
     let seg = [0, 0, 0, 1, 1, 1, 1];
     let mask: Vec<f32> = (0..7)
-        .flat_map(|i| {
-            (0..7).map(move |j| {
-                if j <= i && seg[i] == seg[j] {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+        .flat_map(|i| (0..7).map(move |j| if j <= i && seg[i] == seg[j] { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = Tensor::from_vec(mask, (1, 1, 7, 7), &Device::Cpu).unwrap();
     let packed = model
-        .forward(
-            &ids(&[&row]),
-            &Positions::Packed { positions, mask },
-            &ForwardOptions::default(),
-        )
+        .forward(&ids(&[&row]), &Positions::Packed { positions, mask }, &ForwardOptions::default())
         .unwrap()
         .logits
         .squeeze(0)
         .unwrap();
-    let sep_a = model
-        .forward(&ids(&[a]), &Positions::From(0), &ForwardOptions::default())
-        .unwrap()
-        .logits;
-    let sep_b = model
-        .forward(&ids(&[b]), &Positions::From(0), &ForwardOptions::default())
-        .unwrap()
-        .logits;
+    let sep_a = model.forward(&ids(&[a]), &Positions::From(0), &ForwardOptions::default()).unwrap().logits;
+    let sep_b = model.forward(&ids(&[b]), &Positions::From(0), &ForwardOptions::default()).unwrap().logits;
     assert!(max_abs_diff(&packed.narrow(0, 0, 3).unwrap(), &sep_a.squeeze(0).unwrap()) < 1e-5);
     assert!(max_abs_diff(&packed.narrow(0, 3, 4).unwrap(), &sep_b.squeeze(0).unwrap()) < 1e-5);
 }
@@ -376,25 +227,15 @@ fn packed_rows_equal_separate_sequences() {
 fn residuals_are_each_layers_input() {
     let cfg = tiny_config(4, false);
     let (model, _vm) = trainable(&cfg, 7);
-    let opts = ForwardOptions {
-        capture_residuals: true,
-        ..Default::default()
-    };
-    let out = model
-        .forward(&ids(&[&[1, 2, 3]]), &Positions::From(0), &opts)
-        .unwrap();
+    let opts = ForwardOptions { capture_residuals: true, ..Default::default() };
+    let out = model.forward(&ids(&[&[1, 2, 3]]), &Positions::From(0), &opts).unwrap();
     assert_eq!(out.residuals.len(), cfg.num_hidden_layers + 1);
     for r in &out.residuals {
         assert_eq!(r.dims(), &[1, 3, cfg.hidden_size]);
     }
     let embed = &model.named_tensors()[0].1;
-    let want = embed
-        .index_select(&Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap(), 0)
-        .unwrap();
-    assert_eq!(
-        max_abs_diff(&out.residuals[0].squeeze(0).unwrap(), &want),
-        0.0
-    );
+    let want = embed.index_select(&Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap(), 0).unwrap();
+    assert_eq!(max_abs_diff(&out.residuals[0].squeeze(0).unwrap(), &want), 0.0);
     assert!(max_abs_diff(&out.residuals[1], &out.residuals[0]) > 0.0);
 }
 
@@ -411,40 +252,19 @@ fn save_then_load_is_bit_identical() {
         assert_eq!(a.len(), b.len());
         for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
             assert_eq!(na, nb);
-            let va: Vec<u32> = ta
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
-            let vb: Vec<u32> = tb
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
+            let va: Vec<u32> =
+                ta.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+            let vb: Vec<u32> =
+                tb.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
             assert_eq!(va, vb, "{na}");
         }
         let first = std::fs::read(dir.path().join("model.safetensors")).unwrap();
         let again = tempfile::tempdir().unwrap();
         loaded.save(again.path()).unwrap();
-        assert_eq!(
-            first,
-            std::fs::read(again.path().join("model.safetensors")).unwrap()
-        );
+        assert_eq!(first, std::fs::read(again.path().join("model.safetensors")).unwrap());
         let input = ids(&[&[1, 2, 3, 4]]);
-        let la = model
-            .forward(&input, &Positions::From(0), &ForwardOptions::default())
-            .unwrap()
-            .logits;
-        let lb = loaded
-            .forward(&input, &Positions::From(0), &ForwardOptions::default())
-            .unwrap()
-            .logits;
+        let la = model.forward(&input, &Positions::From(0), &ForwardOptions::default()).unwrap().logits;
+        let lb = loaded.forward(&input, &Positions::From(0), &ForwardOptions::default()).unwrap().logits;
         assert_eq!(max_abs_diff(&la, &lb), 0.0);
     }
 }
@@ -456,33 +276,18 @@ fn bad_config_is_refused_with_the_field_named() {
     assert!(err.contains("num_key_value_heads"), "{err}");
     cfg.num_key_value_heads = Some(2);
     cfg.hidden_act = "gelu".into();
-    assert!(cfg
-        .validate()
-        .unwrap_err()
-        .to_string()
-        .contains("hidden_act"));
+    assert!(cfg.validate().unwrap_err().to_string().contains("hidden_act"));
 }
 
 #[test]
 fn generation_stops_at_the_stop_token_and_respects_the_context() {
     let cfg = tiny_config(2, false);
     let (model, _vm) = trainable(&cfg, 9);
-    let out = model
-        .generate_greedy(&[1, 2, 3], 10, u32::MAX, None)
-        .unwrap();
+    let out = model.generate_greedy(&[1, 2, 3], 10, u32::MAX, None).unwrap();
     assert_eq!(out.len(), 10);
     let stop = out[0];
-    assert_eq!(
-        model.generate_greedy(&[1, 2, 3], 10, stop, None).unwrap(),
-        vec![stop]
-    );
+    assert_eq!(model.generate_greedy(&[1, 2, 3], 10, stop, None).unwrap(), vec![stop]);
     let long: Vec<u32> = vec![1; 60];
-    assert_eq!(
-        model
-            .generate_greedy(&long, 10, u32::MAX, None)
-            .unwrap()
-            .len(),
-        4
-    );
+    assert_eq!(model.generate_greedy(&long, 10, u32::MAX, None).unwrap().len(), 4);
     assert!(model.generate_greedy(&[], 3, 0, None).is_err());
 }

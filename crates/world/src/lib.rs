@@ -25,8 +25,8 @@ pub const FRESH_PEOPLE: usize = 1000;
 pub const MAX_DOC_PEOPLE: usize = 8;
 
 const SYLLABLES: [&str; 24] = [
-    "ba", "dre", "gol", "kin", "lor", "mav", "nes", "pil", "quo", "rus", "sev", "tam", "ul", "vex",
-    "wyn", "yor", "zan", "fen", "hal", "jus", "osk", "eld", "bry", "cael",
+    "ba", "dre", "gol", "kin", "lor", "mav", "nes", "pil", "quo", "rus", "sev", "tam", "ul", "vex", "wyn", "yor",
+    "zan", "fen", "hal", "jus", "osk", "eld", "bry", "cael",
 ];
 const FIRST_NAMES: usize = 64;
 const LAST_NAMES: usize = 64;
@@ -42,13 +42,7 @@ pub enum Attribute {
 }
 
 impl Attribute {
-    pub const ALL: [Attribute; 5] = [
-        Self::City,
-        Self::Year,
-        Self::Employer,
-        Self::Field,
-        Self::Pet,
-    ];
+    pub const ALL: [Attribute; 5] = [Self::City, Self::Year, Self::Employer, Self::Field, Self::Pet];
 
     pub fn index(self) -> usize {
         self as usize
@@ -137,11 +131,7 @@ pub struct Sample {
 
 impl Sample {
     pub fn text(&self) -> String {
-        self.segments
-            .iter()
-            .map(|s| s.text.as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -188,50 +178,34 @@ impl Default for World {
 impl World {
     pub fn new() -> Self {
         let mut rng = Rng::new(WORLD_SEED);
-        let mut taken: std::collections::HashSet<String> = text::template_words()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        let mut coin =
-            |rng: &mut Rng, syllables: usize, suffixes: &[&str], capital: bool, n: usize| {
-                let mut out = Vec::with_capacity(n);
-                while out.len() < n {
-                    let mut w: String = (0..syllables).map(|_| *rng.pick(&SYLLABLES)).collect();
-                    w.push_str(*rng.pick(suffixes));
-                    if capital {
-                        w[..1].make_ascii_uppercase();
-                    }
-                    if taken.insert(w.clone()) {
-                        out.push(w);
-                    }
+        let mut taken: std::collections::HashSet<String> =
+            text::template_words().into_iter().map(str::to_string).collect();
+        let mut coin = |rng: &mut Rng, syllables: usize, suffixes: &[&str], capital: bool, n: usize| {
+            let mut out = Vec::with_capacity(n);
+            while out.len() < n {
+                let mut w: String = (0..syllables).map(|_| *rng.pick(&SYLLABLES)).collect();
+                w.push_str(*rng.pick(suffixes));
+                if capital {
+                    w[..1].make_ascii_uppercase();
                 }
-                out
-            };
+                if taken.insert(w.clone()) {
+                    out.push(w);
+                }
+            }
+            out
+        };
         let first_names = coin(&mut rng, 2, &[""], true, FIRST_NAMES);
-        let last_names = coin(
-            &mut rng,
-            2,
-            &["son", "wyn", "ard", "ley", "ez"],
-            true,
-            LAST_NAMES,
-        );
+        let last_names = coin(&mut rng, 2, &["son", "wyn", "ard", "ley", "ez"], true, LAST_NAMES);
         let values = [
-            coin(
-                &mut rng,
-                2,
-                &["holm", "mere", "stad", "wick", "gard"],
-                true,
-                40,
-            ),
+            coin(&mut rng, 2, &["holm", "mere", "stad", "wick", "gard"], true, 40),
             (1900..2000).map(|y| y.to_string()).collect(),
             coin(&mut rng, 2, &["corp", "tek", "works", "labs"], true, 40),
             coin(&mut rng, 2, &["ology", "onics", "istry"], false, 24),
             coin(&mut rng, 2, &["ox", "ling", "et"], false, 24),
         ];
 
-        let mut pairs: Vec<(usize, usize)> = (0..FIRST_NAMES)
-            .flat_map(|f| (0..LAST_NAMES).map(move |l| (f, l)))
-            .collect();
+        let mut pairs: Vec<(usize, usize)> =
+            (0..FIRST_NAMES).flat_map(|f| (0..LAST_NAMES).map(move |l| (f, l))).collect();
         rng.shuffle(&mut pairs);
         let mut world = World {
             first_names,
@@ -241,14 +215,9 @@ impl World {
             fresh: Vec::new(),
             reading_pairs: pairs[KNOWN_PEOPLE + FRESH_PEOPLE..].to_vec(),
         };
-        world.known = pairs[..KNOWN_PEOPLE]
-            .iter()
-            .map(|&p| world.person(&mut rng, p))
-            .collect();
-        world.fresh = pairs[KNOWN_PEOPLE..KNOWN_PEOPLE + FRESH_PEOPLE]
-            .iter()
-            .map(|&p| world.person(&mut rng, p))
-            .collect();
+        world.known = pairs[..KNOWN_PEOPLE].iter().map(|&p| world.person(&mut rng, p)).collect();
+        world.fresh =
+            pairs[KNOWN_PEOPLE..KNOWN_PEOPLE + FRESH_PEOPLE].iter().map(|&p| world.person(&mut rng, p)).collect();
         world
     }
 
@@ -330,12 +299,7 @@ impl World {
         text::fill(text::DISTRACTOR[a], "", rng.pick(&self.values[a]).as_str())
     }
 
-    fn question_for(
-        &self,
-        rng: &mut Rng,
-        person: &Person,
-        phrasing: Phrasing,
-    ) -> (Attribute, String, String) {
+    fn question_for(&self, rng: &mut Rng, person: &Person, phrasing: Phrasing) -> (Attribute, String, String) {
         let attribute = *rng.pick(&Attribute::ALL);
         let p = match phrasing {
             Phrasing::Trained => *rng.pick(&TRAINED_PHRASINGS),
@@ -351,39 +315,21 @@ impl World {
     pub fn reading_sample(&self, rng: &mut Rng, people: usize) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let doc = self.document(rng, &people, true);
-        let mut segments = vec![Segment {
-            role: Role::Text,
-            text: format!("<bos> {doc}"),
-        }];
+        let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> {doc}") }];
         for _ in 0..rng.range(1, 3) {
             let who = rng.pick(&people);
             let (_, q, a) = self.question_for(rng, who, Phrasing::Trained);
-            segments.push(Segment {
-                role: Role::Prompt,
-                text: q,
-            });
+            segments.push(Segment { role: Role::Prompt, text: q });
             // Every answer ends in `<eos>`, as in evaluation, even when another question follows.
-            segments.push(Segment {
-                role: Role::Answer,
-                text: a,
-            });
+            segments.push(Segment { role: Role::Answer, text: a });
         }
-        Sample {
-            kind: SampleKind::Reading,
-            segments,
-        }
+        Sample { kind: SampleKind::Reading, segments }
     }
 
     pub fn known_bio_sample(&self, rng: &mut Rng) -> Sample {
         let p = rng.pick(&self.known);
         let text = format!("<bos> {} <eos>", p.bio(rng.below(text::BIO_ORDER.len())));
-        Sample {
-            kind: SampleKind::KnownBio,
-            segments: vec![Segment {
-                role: Role::Text,
-                text,
-            }],
-        }
+        Sample { kind: SampleKind::KnownBio, segments: vec![Segment { role: Role::Text, text }] }
     }
 
     pub fn closed_book_sample(&self, rng: &mut Rng) -> Sample {
@@ -392,36 +338,20 @@ impl World {
         Sample {
             kind: SampleKind::ClosedBook,
             segments: vec![
-                Segment {
-                    role: Role::Prompt,
-                    text: format!("<bos> {q}"),
-                },
-                Segment {
-                    role: Role::Answer,
-                    text: a,
-                },
+                Segment { role: Role::Prompt, text: format!("<bos> {q}") },
+                Segment { role: Role::Answer, text: a },
             ],
         }
     }
 
     pub fn skill_sample(&self, rng: &mut Rng) -> Sample {
-        let task = if rng.chance(0.5) {
-            SkillTask::Addition
-        } else {
-            SkillTask::Copy
-        };
+        let task = if rng.chance(0.5) { SkillTask::Addition } else { SkillTask::Copy };
         let probe = self.skill_probe(rng, task);
         Sample {
             kind: SampleKind::Skill,
             segments: vec![
-                Segment {
-                    role: Role::Prompt,
-                    text: probe.prompt,
-                },
-                Segment {
-                    role: Role::Answer,
-                    text: probe.answer,
-                },
+                Segment { role: Role::Prompt, text: probe.prompt },
+                Segment { role: Role::Answer, text: probe.answer },
             ],
         }
     }
@@ -429,22 +359,12 @@ impl World {
     // ---- graded probes ----
 
     /// In-context reading: a document of `people` drawn from `split`, one question about one of them.
-    pub fn reading_probe(
-        &self,
-        rng: &mut Rng,
-        split: Split,
-        people: usize,
-        phrasing: Phrasing,
-    ) -> Probe {
+    pub fn reading_probe(&self, rng: &mut Rng, split: Split, people: usize, phrasing: Phrasing) -> Probe {
         let people = self.draw_people(rng, split, people);
         let doc = self.document(rng, &people, false);
         let who = rng.pick(&people).clone();
         let (attribute, q, answer) = self.question_for(rng, &who, phrasing);
-        Probe {
-            prompt: format!("<bos> {doc} {q}"),
-            answer,
-            attribute: Some(attribute),
-        }
+        Probe { prompt: format!("<bos> {doc} {q}"), answer, attribute: Some(attribute) }
     }
 
     /// Closed book: a question with no document.
@@ -455,11 +375,7 @@ impl World {
 
     pub fn closed_book_probe_for(&self, rng: &mut Rng, who: &Person, phrasing: Phrasing) -> Probe {
         let (attribute, q, answer) = self.question_for(rng, who, phrasing);
-        Probe {
-            prompt: format!("<bos> {q}"),
-            answer,
-            attribute: Some(attribute),
-        }
+        Probe { prompt: format!("<bos> {q}"), answer, attribute: Some(attribute) }
     }
 
     pub fn skill_probe(&self, rng: &mut Rng, task: SkillTask) -> Probe {
@@ -467,26 +383,14 @@ impl World {
             SkillTask::Addition => {
                 let a = rng.below(1000);
                 let b = rng.below(1000);
-                let prompt = format!(
-                    "<bos> add {} + {} =",
-                    reversed_digits(a),
-                    reversed_digits(b)
-                );
-                Probe {
-                    prompt,
-                    answer: format!("{} <eos>", reversed_digits(a + b)),
-                    attribute: None,
-                }
+                let prompt = format!("<bos> add {} + {} =", reversed_digits(a), reversed_digits(b));
+                Probe { prompt, answer: format!("{} <eos>", reversed_digits(a + b)), attribute: None }
             }
             SkillTask::Copy => {
                 let n = rng.range(3, 8);
                 let seq: Vec<&str> = (0..n).map(|_| *rng.pick(text::COPY_SYMBOLS)).collect();
                 let seq = seq.join(" ");
-                Probe {
-                    prompt: format!("<bos> copy {seq} =>"),
-                    answer: format!("{seq} <eos>"),
-                    attribute: None,
-                }
+                Probe { prompt: format!("<bos> copy {seq} =>"), answer: format!("{seq} <eos>"), attribute: None }
             }
         }
     }
@@ -494,12 +398,7 @@ impl World {
 
 /// `347` -> `"7 4 3"`.
 pub fn reversed_digits(n: usize) -> String {
-    n.to_string()
-        .chars()
-        .rev()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(" ")
+    n.to_string().chars().rev().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -512,11 +411,7 @@ mod tests {
         let b = World::new();
         assert_eq!(a.known(), b.known());
         assert_eq!(a.fresh(), b.fresh());
-        let names = |ps: &[Person]| {
-            ps.iter()
-                .map(Person::name)
-                .collect::<std::collections::HashSet<_>>()
-        };
+        let names = |ps: &[Person]| ps.iter().map(Person::name).collect::<std::collections::HashSet<_>>();
         let (known, fresh) = (names(a.known()), names(a.fresh()));
         assert_eq!(known.len(), KNOWN_PEOPLE);
         assert_eq!(fresh.len(), FRESH_PEOPLE);
@@ -524,11 +419,7 @@ mod tests {
         let mut rng = Rng::new(3);
         for _ in 0..2000 {
             let p = a.reading_person(&mut rng);
-            assert!(
-                !known.contains(&p.name()) && !fresh.contains(&p.name()),
-                "{}",
-                p.name()
-            );
+            assert!(!known.contains(&p.name()) && !fresh.contains(&p.name()), "{}", p.name());
         }
     }
 
@@ -550,10 +441,7 @@ mod tests {
         }
         for t in texts {
             for word in t.split_whitespace() {
-                assert!(
-                    vocab.contains(word),
-                    "{word:?} missing from vocabulary (in {t:?})"
-                );
+                assert!(vocab.contains(word), "{word:?} missing from vocabulary (in {t:?})");
             }
         }
     }
@@ -564,33 +452,19 @@ mod tests {
         let mut rng = Rng::new(5);
         let heldout: Vec<String> = text::QUESTION
             .iter()
-            .map(|q| {
-                q[HELDOUT_PHRASING]
-                    .replace("{N}", "")
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
+            .map(|q| q[HELDOUT_PHRASING].replace("{N}", "").split_whitespace().collect::<Vec<_>>().join(" "))
             .collect();
         for _ in 0..500 {
-            for s in [
-                w.reading_sample(&mut rng, 3),
-                w.closed_book_sample(&mut rng),
-            ] {
+            for s in [w.reading_sample(&mut rng, 3), w.closed_book_sample(&mut rng)] {
                 for seg in s.segments.iter().filter(|s| s.role == Role::Prompt) {
                     let stripped: String = seg
                         .text
                         .split_whitespace()
-                        .filter(|t| {
-                            !t.chars().next().unwrap().is_uppercase() || *t == "Q" || *t == "A"
-                        })
+                        .filter(|t| !t.chars().next().unwrap().is_uppercase() || *t == "Q" || *t == "A")
                         .collect::<Vec<_>>()
                         .join(" ");
                     for h in &heldout {
-                        assert!(
-                            !stripped.contains(h.as_str()),
-                            "held-out phrasing {h:?} in training: {stripped}"
-                        );
+                        assert!(!stripped.contains(h.as_str()), "held-out phrasing {h:?} in training: {stripped}");
                     }
                 }
             }
@@ -613,14 +487,7 @@ mod tests {
                 .split(" + ")
                 .map(|s| s.split(' ').rev().collect::<String>().parse().unwrap())
                 .collect();
-            let sum: usize = p
-                .answer
-                .trim_end_matches(" <eos>")
-                .split(' ')
-                .rev()
-                .collect::<String>()
-                .parse()
-                .unwrap();
+            let sum: usize = p.answer.trim_end_matches(" <eos>").split(' ').rev().collect::<String>().parse().unwrap();
             assert_eq!(nums[0] + nums[1], sum);
         }
     }

@@ -10,9 +10,7 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed ^ 0x9E37_79B9_7F4A_7C15,
-        }
+        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
     }
 
     /// A generator for a sub-stream, e.g. one per training step, so a resumed run draws the same data.

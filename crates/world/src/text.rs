@@ -19,61 +19,21 @@ pub const BIO: [[&str; 4]; 5] = [
         "{N} first saw the world in {V} .",
         "{N} has a birthday from the year {V} .",
     ],
-    [
-        "{N} works for {V} .",
-        "{N} is employed by {V} .",
-        "{N} has a job at {V} .",
-        "{N} draws a salary from {V} .",
-    ],
-    [
-        "{N} studies {V} .",
-        "{N} is an expert in {V} .",
-        "{N} did research on {V} .",
-        "{N} teaches classes in {V} .",
-    ],
-    [
-        "{N} has a pet {V} .",
-        "{N} owns a {V} .",
-        "{N} takes care of a {V} at home .",
-        "{N} lives with a {V} .",
-    ],
+    ["{N} works for {V} .", "{N} is employed by {V} .", "{N} has a job at {V} .", "{N} draws a salary from {V} ."],
+    ["{N} studies {V} .", "{N} is an expert in {V} .", "{N} did research on {V} .", "{N} teaches classes in {V} ."],
+    ["{N} has a pet {V} .", "{N} owns a {V} .", "{N} takes care of a {V} at home .", "{N} lives with a {V} ."],
 ];
 
 /// The order of attributes in each biography phrasing.
-pub const BIO_ORDER: [[usize; 5]; 4] = [
-    [0, 1, 2, 3, 4],
-    [2, 3, 0, 1, 4],
-    [4, 0, 1, 3, 2],
-    [1, 0, 4, 2, 3],
-];
+pub const BIO_ORDER: [[usize; 5]; 4] = [[0, 1, 2, 3, 4], [2, 3, 0, 1, 4], [4, 0, 1, 3, 2], [1, 0, 4, 2, 3]];
 
 /// Questions: `QUESTION[attribute][phrasing]`. Phrasing `HELDOUT_PHRASING` never appears in any training data.
 pub const QUESTION: [[&str; 3]; 5] = [
-    [
-        "where was {N} born ?",
-        "which city is {N} from ?",
-        "what is the birthplace of {N} ?",
-    ],
-    [
-        "when was {N} born ?",
-        "in which year was {N} born ?",
-        "what is the birth year of {N} ?",
-    ],
-    [
-        "where does {N} work ?",
-        "which company employs {N} ?",
-        "who is the employer of {N} ?",
-    ],
-    [
-        "what does {N} study ?",
-        "what is the field of {N} ?",
-        "which subject is {N} an expert in ?",
-    ],
-    [
-        "what pet does {N} have ?",
-        "which animal does {N} own ?",
-        "what animal lives with {N} ?",
-    ],
+    ["where was {N} born ?", "which city is {N} from ?", "what is the birthplace of {N} ?"],
+    ["when was {N} born ?", "in which year was {N} born ?", "what is the birth year of {N} ?"],
+    ["where does {N} work ?", "which company employs {N} ?", "who is the employer of {N} ?"],
+    ["what does {N} study ?", "what is the field of {N} ?", "which subject is {N} an expert in ?"],
+    ["what pet does {N} have ?", "which animal does {N} own ?", "what animal lives with {N} ?"],
 ];
 
 pub const HELDOUT_PHRASING: usize = 2;
@@ -91,9 +51,7 @@ pub const DISTRACTOR: [&str; 5] = [
 /// Words used by formats and skill tasks.
 pub const FORMAT_WORDS: &[&str] = &["Q", ":", "A", "add", "+", "=", "copy", "=>"];
 pub const SPECIAL: [&str; 6] = ["<pad>", "<unk>", "<bos>", "<eos>", "<doc>", "</doc>"];
-pub const COPY_SYMBOLS: &[&str] = &[
-    "a", "b", "c", "d", "e", "f", "g", "h", "j", "k", "m", "n", "p", "r", "s", "t",
-];
+pub const COPY_SYMBOLS: &[&str] = &["a", "b", "c", "d", "e", "f", "g", "h", "j", "k", "m", "n", "p", "r", "s", "t"];
 
 pub fn fill(template: &str, name: &str, value: &str) -> String {
     template.replace("{N}", name).replace("{V}", value)
@@ -109,11 +67,7 @@ pub fn question(attribute: Attribute, phrasing: usize, name: &str) -> String {
 
 /// Every fixed word of every table, in a stable order.
 pub fn template_words() -> Vec<&'static str> {
-    let tables = BIO
-        .iter()
-        .flatten()
-        .chain(QUESTION.iter().flatten())
-        .chain(DISTRACTOR.iter());
+    let tables = BIO.iter().flatten().chain(QUESTION.iter().flatten()).chain(DISTRACTOR.iter());
     let mut words: Vec<&'static str> = Vec::new();
     for t in tables {
         for w in t.split_whitespace() {
