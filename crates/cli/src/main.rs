@@ -20,6 +20,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job on embedded defaults: evaluate the shipped base model and show it answering.
+    Demo {
+        #[command(flatten)]
+        args: ModelArgs,
+        /// Probes per suite.
+        #[arg(long, default_value_t = 100)]
+        items: usize,
+    },
     /// The synthetic knowledge world.
     #[command(subcommand)]
     World(WorldCommand),
@@ -63,6 +71,9 @@ enum TrainCommand {
         /// A tiny configuration that trains in seconds (for smoke tests).
         #[arg(long)]
         tiny: bool,
+        /// Stop (with a checkpoint) after this step; continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<u64>,
         /// Rows per batch (overrides the recipe).
         #[arg(long)]
         rows: Option<usize>,
@@ -115,7 +126,7 @@ enum BenchCommand {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::World(WorldCommand::Sample { seed, count }) => world_sample(seed, count),
-        Command::Train(TrainCommand::Base { seed, steps, out, resume, tiny, rows, row_len }) => {
+        Command::Train(TrainCommand::Base { seed, steps, out, resume, tiny, stop_after, rows, row_len }) => {
             let mut cfg = if tiny {
                 engram_trainer::TrainConfig::tiny(seed, steps)
             } else {
@@ -123,7 +134,9 @@ fn main() -> Result<()> {
             };
             cfg.rows = rows.unwrap_or(cfg.rows);
             cfg.row_len = row_len.unwrap_or(cfg.row_len);
-            let s = engram_trainer::train(&cfg, &out, resume)?;
+            let Some(s) = engram_trainer::train_until(&cfg, &out, resume, stop_after)? else {
+                return Ok(());
+            };
             println!(
                 "trained {} steps, {} tokens in {:.0} s ({:.0} tokens/s); model in {}",
                 s.steps,
@@ -135,7 +148,7 @@ fn main() -> Result<()> {
             print!("{}", s.report.table());
             Ok(())
         }
-        Command::Eval(EvalCommand::Base { args, items }) => {
+        Command::Demo { args, items } | Command::Eval(EvalCommand::Base { args, items }) => {
             let base = load(&args.model)?;
             let world = World::new();
             let report = engram_eval::evaluate_base(&base.llama, &base.tokenizer, &world, args.seed, items, |d, n| {

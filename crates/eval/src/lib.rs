@@ -141,3 +141,28 @@ impl BaseReport {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_depend_on_the_seed_and_draw_fresh_people() {
+        let world = World::new();
+        let fresh: Vec<String> = world.fresh().iter().map(|p| p.name()).collect();
+        let known: Vec<String> = world.known().iter().map(|p| p.name()).collect();
+        for (i, suite) in SUITES.iter().enumerate() {
+            let a = suite_probes(&world, 1, i, 20);
+            let b = suite_probes(&world, 1, i, 20);
+            let c = suite_probes(&world, 2, i, 20);
+            assert_eq!(a.iter().map(|p| &p.prompt).collect::<Vec<_>>(), b.iter().map(|p| &p.prompt).collect::<Vec<_>>());
+            assert_ne!(a.iter().map(|p| &p.prompt).collect::<Vec<_>>(), c.iter().map(|p| &p.prompt).collect::<Vec<_>>());
+            if suite.starts_with("icl") || *suite == "closed_book_fresh" {
+                for p in &a {
+                    assert!(fresh.iter().any(|n| p.prompt.contains(n.as_str())), "{suite}: {}", p.prompt);
+                    assert!(!known.iter().any(|n| p.prompt.contains(n.as_str())), "{suite}: {}", p.prompt);
+                }
+            }
+        }
+    }
+}

@@ -143,6 +143,12 @@ const LOG_FILE: &str = "train_log.jsonl";
 
 /// Trains (or resumes) into `out`, which ends up a Hugging Face model directory with a model card.
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary> {
+    Ok(train_until(cfg, out, resume, None)?.expect("a run without a stop step finishes"))
+}
+
+/// Like [`train`], but stops after step `stop_after` (with a checkpoint) and returns `None` if that comes before
+/// the end: a run can be done in installments, and tests can interrupt one.
+pub fn train_until(cfg: &TrainConfig, out: &Path, resume: bool, stop_after: Option<u64>) -> Result<Option<TrainSummary>> {
     let device = Device::Cpu;
     let world = World::new();
     let tok = tokenizer::build(&world)?;
@@ -292,7 +298,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
     };
     std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
     std::fs::write(out.join("MODEL_CARD.md"), model_card(&summary, &model_cfg))?;
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 fn save_checkpoint(model: &Llama, opt: &optim::AdamW, dir: &Path, state: &CheckpointState) -> Result<()> {
