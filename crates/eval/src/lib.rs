@@ -155,8 +155,14 @@ mod tests {
             let a = suite_probes(&world, 1, i, 20);
             let b = suite_probes(&world, 1, i, 20);
             let c = suite_probes(&world, 2, i, 20);
-            assert_eq!(a.iter().map(|p| &p.prompt).collect::<Vec<_>>(), b.iter().map(|p| &p.prompt).collect::<Vec<_>>());
-            assert_ne!(a.iter().map(|p| &p.prompt).collect::<Vec<_>>(), c.iter().map(|p| &p.prompt).collect::<Vec<_>>());
+            assert_eq!(
+                a.iter().map(|p| &p.prompt).collect::<Vec<_>>(),
+                b.iter().map(|p| &p.prompt).collect::<Vec<_>>()
+            );
+            assert_ne!(
+                a.iter().map(|p| &p.prompt).collect::<Vec<_>>(),
+                c.iter().map(|p| &p.prompt).collect::<Vec<_>>()
+            );
             if suite.starts_with("icl") || *suite == "closed_book_fresh" {
                 for p in &a {
                     assert!(fresh.iter().any(|n| p.prompt.contains(n.as_str())), "{suite}: {}", p.prompt);

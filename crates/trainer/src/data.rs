@@ -180,8 +180,9 @@ mod tests {
         assert_eq!(a.ids.to_vec2::<u32>().unwrap(), b.ids.to_vec2::<u32>().unwrap());
         let c = batch(&world, &tok, &mix, 7, 4, 4, 320, &Device::Cpu).unwrap();
         assert_ne!(a.ids.to_vec2::<u32>().unwrap(), c.ids.to_vec2::<u32>().unwrap());
-        // Packing leaves little padding.
-        assert!(a.tokens as f64 > 0.8 * 4.0 * 320.0, "{} real tokens", a.tokens);
+        // Whole samples in order, a sample that does not fit starting the next row: about a quarter padding with
+        // 320-token rows (a first-fit packer would waste less, at the price of reordering).
+        assert!(a.tokens as f64 > 0.65 * 4.0 * 320.0, "{} real tokens", a.tokens);
         let Positions::Packed { positions, mask } = &a.positions else { panic!("not packed") };
         let pos = positions.to_vec2::<u32>().unwrap();
         let mask = mask.squeeze(1).unwrap().to_vec3::<f32>().unwrap();

@@ -148,7 +148,12 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
 
 /// Like [`train`], but stops after step `stop_after` (with a checkpoint) and returns `None` if that comes before
 /// the end: a run can be done in installments, and tests can interrupt one.
-pub fn train_until(cfg: &TrainConfig, out: &Path, resume: bool, stop_after: Option<u64>) -> Result<Option<TrainSummary>> {
+pub fn train_until(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> Result<Option<TrainSummary>> {
     let device = Device::Cpu;
     let world = World::new();
     let tok = tokenizer::build(&world)?;

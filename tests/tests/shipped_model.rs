@@ -1,0 +1,47 @@
+//! The shipped base model (`models/base`) is what its model card says it is.
+
+use std::path::PathBuf;
+
+use engram_model::BaseModel;
+use engram_world::World;
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/base")
+}
+
+#[test]
+fn shipped_model_meets_the_base_acceptance_bar_and_reproduces_its_card() {
+    let dir = model_dir();
+    let base = BaseModel::load(&dir, &candle_core::Device::Cpu).expect("models/base loads");
+    let report = engram_eval::evaluate_base(
+        &base.llama,
+        &base.tokenizer,
+        &World::new(),
+        engram_eval::DEFAULT_SEED,
+        engram_eval::DEFAULT_ITEMS,
+        |_, _| {},
+    )
+    .unwrap();
+    eprint!("{}", report.table());
+
+    // The numbers recorded at training time come back (greedy decoding is deterministic up to float summation
+    // order, which may differ with the thread count: allow a couple of near-tie flips per suite).
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+    let got = serde_json::to_value(&report).unwrap();
+    for suite in engram_eval::SUITES {
+        let (want, have) = (card["report"][suite].as_f64().unwrap(), got[suite].as_f64().unwrap());
+        assert!((want - have).abs() <= 0.015, "{suite}: card says {want}, evaluation gives {have}");
+    }
+
+    assert!(report.closed_book_fresh <= 0.10, "the base model already knows fresh people: {report:?}");
+    for (suite, value, bar) in [
+        ("icl_single", report.icl_single, 0.95),
+        ("icl_multi", report.icl_multi, 0.85),
+        ("icl_heldout_phrasing", report.icl_heldout_phrasing, 0.85),
+        ("closed_book_known", report.closed_book_known, 0.90),
+        ("skills", report.skills, 0.90),
+    ] {
+        assert!(value >= bar, "{suite} = {value:.3} is below {bar}");
+    }
+}
