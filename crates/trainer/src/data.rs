@@ -24,6 +24,10 @@ pub struct Mix {
     pub skill: f64,
     /// Relative frequency of reading documents with 1..=8 people.
     pub doc_people: [f64; MAX_DOC_PEOPLE],
+    /// Curriculum: before step `short_docs_until`, reading documents use these frequencies instead (short documents
+    /// first, so copying is learned before binding among many people).
+    pub short_doc_people: [f64; MAX_DOC_PEOPLE],
+    pub short_docs_until: u64,
     /// Loss weight of answer tokens relative to text tokens (1); prompts get 0.
     pub answer_weight: f32,
 }
@@ -31,11 +35,13 @@ pub struct Mix {
 impl Default for Mix {
     fn default() -> Self {
         Self {
-            reading: 0.55,
-            known_bio: 0.12,
-            closed_book: 0.18,
+            reading: 0.45,
+            known_bio: 0.15,
+            closed_book: 0.25,
             skill: 0.15,
             doc_people: [3.0, 2.0, 2.0, 3.0, 1.0, 1.0, 1.0, 1.0],
+            short_doc_people: [2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            short_docs_until: 0,
             answer_weight: 5.0,
         }
     }
@@ -54,10 +60,11 @@ fn weighted(rng: &mut Rng, weights: &[f64]) -> usize {
 }
 
 impl Mix {
-    pub fn sample(&self, world: &World, rng: &mut Rng) -> Sample {
+    pub fn sample(&self, world: &World, rng: &mut Rng, step: u64) -> Sample {
         match weighted(rng, &[self.reading, self.known_bio, self.closed_book, self.skill]) {
             0 => {
-                let people = 1 + weighted(rng, &self.doc_people);
+                let freq = if step < self.short_docs_until { &self.short_doc_people } else { &self.doc_people };
+                let people = 1 + weighted(rng, freq);
                 world.reading_sample(rng, people)
             }
             1 => world.known_bio_sample(rng),
@@ -116,20 +123,27 @@ pub fn batch(
     let (mut ids, mut pos, mut tgt, mut wts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut mask = vec![f32::NEG_INFINITY; rows * row_len * row_len];
     let mut tokens = 0;
-    let mut carry: Option<Encoded> = None;
+    // First fit: a sample that does not fit the space left in a row waits for a later row, and smaller samples
+    // fill the gap. A row closes after a few misses in a row.
+    let mut waiting: std::collections::VecDeque<Encoded> = std::collections::VecDeque::new();
     for r in 0..rows {
         let mut used = 0;
-        loop {
-            let s = match carry.take() {
-                Some(s) => s,
-                None => encode(tokenizer, &mix.sample(world, &mut rng), mix.answer_weight)?,
+        let mut misses = 0;
+        let mut from_queue = waiting.len();
+        while misses < 4 && used < row_len {
+            let s = if from_queue > 0 {
+                from_queue -= 1;
+                waiting.pop_front().expect("counted")
+            } else {
+                encode(tokenizer, &mix.sample(world, &mut rng, step), mix.answer_weight)?
             };
             if s.ids.len() > row_len {
                 continue;
             }
             if used + s.ids.len() > row_len {
-                carry = Some(s);
-                break;
+                waiting.push_back(s);
+                misses += 1;
+                continue;
             }
             let n = s.ids.len();
             for i in 0..n {
@@ -180,9 +194,8 @@ mod tests {
         assert_eq!(a.ids.to_vec2::<u32>().unwrap(), b.ids.to_vec2::<u32>().unwrap());
         let c = batch(&world, &tok, &mix, 7, 4, 4, 320, &Device::Cpu).unwrap();
         assert_ne!(a.ids.to_vec2::<u32>().unwrap(), c.ids.to_vec2::<u32>().unwrap());
-        // Whole samples in order, a sample that does not fit starting the next row: about a quarter padding with
-        // 320-token rows (a first-fit packer would waste less, at the price of reordering).
-        assert!(a.tokens as f64 > 0.65 * 4.0 * 320.0, "{} real tokens", a.tokens);
+        // First-fit packing leaves little padding.
+        assert!(a.tokens as f64 > 0.9 * 4.0 * 320.0, "{} real tokens", a.tokens);
         let Positions::Packed { positions, mask } = &a.positions else { panic!("not packed") };
         let pos = positions.to_vec2::<u32>().unwrap();
         let mask = mask.squeeze(1).unwrap().to_vec3::<f32>().unwrap();

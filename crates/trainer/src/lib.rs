@@ -69,6 +69,7 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// The shipped base model's recipe.
     pub fn base(seed: u64, steps: u64) -> Self {
+        let mix = Mix { short_docs_until: steps / 4, ..Mix::default() };
         Self {
             seed,
             steps,
@@ -76,7 +77,7 @@ impl TrainConfig {
             row_len: 320,
             schedule: Schedule { peak_lr: 2e-3, warmup_steps: 150, hold_fraction: 0.5, final_fraction: 0.05 },
             adamw: AdamWConfig::default(),
-            mix: Mix::default(),
+            mix,
             model: LlamaConfig::small(0),
             eval_every: 250,
             eval_items: 60,
@@ -267,13 +268,15 @@ pub fn train_until(
             }
             bar.suspend(|| eprintln!("{text}"));
         }
-        if step % cfg.checkpoint_every == 0 || step == cfg.steps {
-            save_checkpoint(
-                &model,
-                &opt,
-                &ckpt,
-                &CheckpointState { step, elapsed_s: elapsed, tokens, config: cfg.clone() },
-            )?;
+        let stop_now = stop_after == Some(step);
+        if step % cfg.checkpoint_every == 0 || step == cfg.steps || stop_now {
+            let state = CheckpointState { step, elapsed_s: elapsed, tokens, config: cfg.clone() };
+            save_checkpoint(&model, &opt, &ckpt, &state)?;
+        }
+        if stop_now && step < cfg.steps {
+            bar.finish_and_clear();
+            eprintln!("stopped after step {step}; continue with --resume");
+            return Ok(None);
         }
     }
     bar.finish_and_clear();
