@@ -343,9 +343,9 @@ fn model_card(s: &TrainSummary, model: &LlamaConfig) -> String {
     format!(
         "# Engram base model\n\n\
 A {params}-parameter Llama-architecture decoder trained from scratch by `engram train base` on Engram's synthetic \
-world (crates/world). It reads documents about invented people and answers questions about them, recalls the \
-`known` people from memory, and does multi-digit addition and sequence copying. It knows nothing about the `fresh` \
-people that later get injected.\n\n\
+world (crates/world), to read documents about invented people and answer questions about them, recall the \
+`known` people from memory, and do multi-digit addition and sequence copying; it is never shown the `fresh` people \
+that later get injected. The evaluation below says how far it got.\n\n\
 ## Architecture\n\n\
 | field | value |\n|---|---|\n| hidden_size | {d} |\n| layers | {l} |\n| heads (kv) | {h} ({kv}) |\n\
 | intermediate_size | {i} |\n| vocab_size | {v} (word level) |\n| max_position_embeddings | {mp} |\n\
@@ -354,7 +354,7 @@ people that later get injected.\n\n\
 | field | value |\n|---|---|\n| data seed | {seed} |\n| steps | {steps} |\n| batch | {rows} rows x {row_len} tokens, packed |\n\
 | tokens | {tokens} |\n| wall time | {wall:.0} s ({wall_min:.1} min) on 2 CPU cores |\n| throughput | {tps:.0} tokens/s |\n\
 | final loss | {loss:.4} |\n| peak lr | {lr} (warmup {wu}, hold {hold}, cosine to {fin}x) |\n\
-| mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw} |\n\n\
+| mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw}; 1-2 person documents until step {sd} |\n\n\
 Reproduce: `engram train base --seed {seed} --steps {steps} --out <dir>` (resumable with `--resume`). The per-step \
 log is `train_log.jsonl` beside this card when trained locally.\n\n\
 ## Evaluation\n\n\
@@ -388,6 +388,7 @@ icl_single by attribute: {attrs}\n",
         mc = c.mix.closed_book,
         ms = c.mix.skill,
         aw = c.mix.answer_weight,
+        sd = c.mix.short_docs_until,
         eseed = r.seed,
         items = r.items,
         a = r.icl_single,
