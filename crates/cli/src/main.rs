@@ -80,6 +80,10 @@ enum TrainCommand {
         /// Tokens per packed row (overrides the recipe).
         #[arg(long)]
         row_len: Option<usize>,
+        /// A whole recipe as JSON (the `config` object of a run's training.json), seed and steps included;
+        /// replaces the built-in one.
+        #[arg(long, conflicts_with = "tiny")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -121,13 +125,38 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
     },
+    /// Lineage store throughput and latency on the embedded store and on etcd: durable version creation with
+    /// 1/8/64 writers, head compare-and-swap on one contended namespace, rollback-to-watcher latency.
+    Lineage {
+        /// Print one JSON object on stdout instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Seconds per throughput case.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Rollbacks timed until a watcher sees them.
+        #[arg(long, default_value_t = 300)]
+        rollbacks: usize,
+        /// An etcd to measure (HOST:PORT). By default the bench starts a throwaway one on loopback.
+        #[arg(long)]
+        etcd: Option<String>,
+        /// Skip etcd.
+        #[arg(long)]
+        no_etcd: bool,
+        /// Directory for the embedded store (default: a temporary directory; its disk decides fsync cost).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::World(WorldCommand::Sample { seed, count }) => world_sample(seed, count),
-        Command::Train(TrainCommand::Base { seed, steps, out, resume, tiny, stop_after, rows, row_len }) => {
-            let mut cfg = if tiny {
+        Command::Train(TrainCommand::Base { seed, steps, out, resume, tiny, stop_after, rows, row_len, config }) => {
+            let mut cfg = if let Some(path) = config {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("{} is not a training recipe", path.display()))?
+            } else if tiny {
                 engram_trainer::TrainConfig::tiny(seed, steps)
             } else {
                 engram_trainer::TrainConfig::base(seed, steps)
@@ -164,6 +193,9 @@ fn main() -> Result<()> {
                 show_answers(&base, &world, args.seed)?;
             }
             Ok(())
+        }
+        Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
+            bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
         }
         Command::Bench(BenchCommand::Forward { args, batch, seq_len, rounds }) => {
             let base = load(&args.model)?;
@@ -248,4 +280,88 @@ fn world_sample(seed: u64, count: usize) -> Result<()> {
             .collect()
     });
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct LineageBench {
+    config: engram_lineage::bench::BenchConfig,
+    embedded: engram_lineage::bench::BackendReport,
+    etcd: Option<engram_lineage::bench::BackendReport>,
+    /// Why etcd was not measured, when it was not.
+    etcd_skipped: Option<String>,
+}
+
+fn bench_lineage(
+    json: bool,
+    seconds: f64,
+    rollbacks: usize,
+    etcd: Option<String>,
+    no_etcd: bool,
+    dir: Option<PathBuf>,
+) -> Result<()> {
+    use engram_lineage::bench;
+    let cfg = bench::BenchConfig { seconds, rollbacks, ..Default::default() };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let progress = |m: &str| eprintln!("{m}");
+        let tmp = tempfile::tempdir()?;
+        let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+        let embedded = {
+            let store = engram_lineage::open(&format!("file://{}", dir.display())).await?;
+            bench::run(store, &cfg, progress).await?
+        };
+        let mut local = None;
+        let endpoint = match (no_etcd, etcd) {
+            (true, _) => Err("--no-etcd".to_string()),
+            (false, Some(e)) => Ok(e),
+            (false, None) => match engram_lineage::local_etcd::LocalEtcd::start() {
+                Ok(l) => {
+                    let e = l.endpoint();
+                    local = Some(l);
+                    Ok(e)
+                }
+                Err(e) => Err(format!("could not start a local etcd: {e}")),
+            },
+        };
+        let (etcd, etcd_skipped) = match endpoint {
+            Ok(e) => {
+                let store = engram_lineage::open(&format!("etcd://{e}/engram-bench")).await?;
+                (Some(bench::run(store, &cfg, progress).await?), None)
+            }
+            Err(why) => (None, Some(why)),
+        };
+        drop(local);
+        let report = LineageBench { config: cfg.clone(), embedded, etcd, etcd_skipped };
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_lineage_bench(&report);
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn print_lineage_bench(r: &LineageBench) {
+    for b in std::iter::once(&r.embedded).chain(r.etcd.as_ref()) {
+        println!("{}", b.backend);
+        for c in &b.creates {
+            println!(
+                "  create   {:>3} writers  {:>8.0} versions/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} versions)",
+                c.writers, c.per_second, c.latency.p50_ms, c.latency.p99_ms, c.versions
+            );
+        }
+        let h = &b.head_cas;
+        println!(
+            "  head CAS {:>3} writers  {:>8.0} attempts/s  {:.0} wins/s  {} conflicts  p99 {:.2} ms",
+            h.writers, h.attempts_per_second, h.wins_per_second, h.conflicts, h.cas_latency.p99_ms
+        );
+        let w = &b.rollback_to_watcher;
+        println!(
+            "  rollback -> watcher    p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} rollbacks)",
+            w.p50_ms, w.p99_ms, w.max_ms, w.samples
+        );
+    }
+    if let Some(why) = &r.etcd_skipped {
+        println!("etcd not measured: {why}");
+    }
 }

@@ -136,14 +136,17 @@ impl LlamaConfig {
         if self.attention_bias {
             return bad("attention_bias = true is not supported".into());
         }
-        if self.num_attention_heads == 0 || self.kv_heads() == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0
+            || self.kv_heads() == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for rotary positions", self.head_dim()));
         }
         if let Some(s) = &self.rope_scaling {

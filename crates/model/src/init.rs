@@ -41,7 +41,7 @@ impl Llama {
     pub fn init_trainable(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<(Llama, VarMap)> {
         let vm = VarMap::new();
         let model = Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
-        let mut rng = Normal { state: seed ^ 0x5EED_0F_E46A_u64 };
+        let mut rng = Normal { state: seed ^ 0x005E_ED0F_E46A_u64 };
         let out_std = 0.02 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         {
             let vars = vm.data().lock().expect("varmap lock");

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use engram_model::{Positions, Tokenizer};
-use engram_world::{Rng, Role, Sample, World, MAX_DOC_PEOPLE};
+use engram_world::{Rng, Role, Sample, SampleKind, World, MAX_DOC_PEOPLE};
 use serde::{Deserialize, Serialize};
 
 /// Sampling weights of the kinds of training text, and loss weights of their roles.
@@ -30,6 +30,21 @@ pub struct Mix {
     pub short_docs_until: u64,
     /// Loss weight of answer tokens relative to text tokens (1); prompts get 0.
     pub answer_weight: f32,
+    /// Loss weight of a reading document's own text. Values in a document are unpredictable, and learning to
+    /// predict them from the type prior competes with learning to copy them into answers.
+    #[serde(default = "one")]
+    pub reading_text_weight: f32,
+    /// Fewest and most questions after a reading document.
+    #[serde(default = "one_to_three")]
+    pub questions: [usize; 2],
+}
+
+fn one_to_three() -> [usize; 2] {
+    [1, 3]
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl Default for Mix {
@@ -43,6 +58,8 @@ impl Default for Mix {
             short_doc_people: [2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
             short_docs_until: 0,
             answer_weight: 5.0,
+            reading_text_weight: 1.0,
+            questions: one_to_three(),
         }
     }
 }
@@ -65,7 +82,7 @@ impl Mix {
             0 => {
                 let freq = if step < self.short_docs_until { &self.short_doc_people } else { &self.doc_people };
                 let people = 1 + weighted(rng, freq);
-                world.reading_sample(rng, people)
+                world.reading_sample_with(rng, people, self.questions)
             }
             1 => world.known_bio_sample(rng),
             2 => world.closed_book_sample(rng),
@@ -80,15 +97,16 @@ struct Encoded {
     weights: Vec<f32>,
 }
 
-fn encode(tokenizer: &Tokenizer, sample: &Sample, answer_weight: f32) -> Result<Encoded> {
+fn encode(tokenizer: &Tokenizer, sample: &Sample, mix: &Mix) -> Result<Encoded> {
+    let text_weight = if sample.kind == SampleKind::Reading { mix.reading_text_weight } else { 1.0 };
     let mut ids = Vec::new();
     let mut weights = Vec::new();
     for seg in &sample.segments {
         let seg_ids = engram_model::encode(tokenizer, &seg.text)?;
         let w = match seg.role {
             Role::Prompt => 0.0,
-            Role::Text => 1.0,
-            Role::Answer => answer_weight,
+            Role::Text => text_weight,
+            Role::Answer => mix.answer_weight,
         };
         weights.extend(std::iter::repeat_n(w, seg_ids.len()));
         ids.extend(seg_ids);
@@ -135,7 +153,7 @@ pub fn batch(
                 from_queue -= 1;
                 waiting.pop_front().expect("counted")
             } else {
-                encode(tokenizer, &mix.sample(world, &mut rng, step), mix.answer_weight)?
+                encode(tokenizer, &mix.sample(world, &mut rng, step), mix)?
             };
             if s.ids.len() > row_len {
                 continue;

@@ -313,10 +313,15 @@ impl World {
 
     /// A document of 1..=8 reading people followed by 1..=3 questions about them (trained phrasings only).
     pub fn reading_sample(&self, rng: &mut Rng, people: usize) -> Sample {
+        self.reading_sample_with(rng, people, [1, 3])
+    }
+
+    /// A reading document followed by `questions[0]..=questions[1]` questions about its people.
+    pub fn reading_sample_with(&self, rng: &mut Rng, people: usize, questions: [usize; 2]) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let doc = self.document(rng, &people, true);
         let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> {doc}") }];
-        for _ in 0..rng.range(1, 3) {
+        for _ in 0..rng.range(questions[0], questions[1]) {
             let who = rng.pick(&people);
             let (_, q, a) = self.question_for(rng, who, Phrasing::Trained);
             segments.push(Segment { role: Role::Prompt, text: q });

@@ -1,0 +1,118 @@
+//! A throwaway single-member etcd on loopback, for tests and benchmarks: free ports, a temporary data directory,
+//! killed when dropped.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+pub struct LocalEtcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Unavailable(format!("no free loopback port: {e}")))?;
+    Ok(l.local_addr().map_err(|e| Error::Unavailable(e.to_string()))?.port())
+}
+
+/// The etcd binary: `$ENGRAM_ETCD_BIN`, else `etcd` on the PATH.
+pub fn etcd_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ENGRAM_ETCD_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("etcd")).find(|p| p.is_file())
+}
+
+/// For tests: whether an etcd binary is here to test against. Without one, a test should skip, except when the
+/// test script promised etcd (`ENGRAM_REQUIRE_ETCD=1`): then this panics, so a missing install fails the run.
+pub fn etcd_available_for_tests() -> bool {
+    if etcd_binary().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("ENGRAM_REQUIRE_ETCD").as_deref() != Ok("1"),
+        "ENGRAM_REQUIRE_ETCD=1 but no etcd binary is installed (etcd-server, or set ENGRAM_ETCD_BIN)"
+    );
+    eprintln!("skipping: no etcd binary (install etcd-server, or set ENGRAM_ETCD_BIN)");
+    false
+}
+
+impl LocalEtcd {
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;
+        let mut me = Self { child: None, dir, client_port: free_port()?, peer_port: free_port()? };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let bin = etcd_binary().ok_or_else(|| Error::Unavailable("no etcd binary (install etcd-server)".into()))?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log =
+            std::fs::File::create(self.dir.path().join("etcd.log")).map_err(|e| Error::Unavailable(e.to_string()))?;
+        let child = Command::new(&bin)
+            .arg("--name=engram-test")
+            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=engram-test={peer}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| Error::Unavailable(e.to_string()))?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::Unavailable(format!("starting {}: {e}", bin.display())))?;
+        self.child = Some(child);
+        // Ready when the client port accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+                return Err(Error::Unavailable(format!("etcd exited with {status}: {tail}")));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable("etcd did not open its client port within 20 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `host:port` of the client endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// A store URL for this server under `prefix` (which starts with '/').
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://{}{prefix}", self.endpoint())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the server and starts it again on the same data and ports.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
