@@ -103,7 +103,8 @@ impl<'r> Tx<'r> {
     fn event(&mut self, keys: &Keys, ns: &mut Namespace, actor: &str, reason: Option<String>, kind: EventKind) -> u64 {
         let seq = ns.seq;
         ns.seq += 1;
-        let e = Event { seq, at_ms: now_ms(), actor: actor.to_string(), reason, kind };
+        let at_ms = now_ms();
+        let e = Event { seq, at_ms, at: format_ms(at_ms), actor: actor.to_string(), reason, kind };
         self.put(keys.event(&ns.name, seq), &e);
         seq
     }

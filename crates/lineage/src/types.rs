@@ -176,6 +176,9 @@ pub enum EventKind {
 pub struct Event {
     pub seq: u64,
     pub at_ms: u64,
+    /// `at_ms` as RFC 3339, for operators reading the store directly.
+    #[serde(default)]
+    pub at: String,
     pub actor: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
