@@ -60,7 +60,7 @@ enum TrainCommand {
     Base {
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 2800)]
+        #[arg(long, default_value_t = 2400)]
         steps: u64,
         /// Output directory (config.json, model.safetensors, tokenizer.json, MODEL_CARD.md, checkpoint/).
         #[arg(long, default_value = "runs/base")]

@@ -34,15 +34,34 @@ impl Normal {
     }
 }
 
+/// How initial weights are scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Init {
+    /// GPT-2: normal(0, 0.02) for every matrix and the embeddings.
+    #[default]
+    Gpt2,
+    /// normal(0, 1/sqrt(fan_in)) for matrices, normal(0, 1) for embeddings. At small widths 0.02 makes attention
+    /// scores (bilinear in the query and key weights) start near zero, a plateau that content-based attention is
+    /// slow to leave.
+    FanIn,
+}
+
 impl Llama {
     /// A freshly initialised model whose weights are trainable variables in the returned `VarMap`, drawn from
     /// `seed`: normal(0, 0.02) for matrices, scaled down by sqrt(2 * layers) on residual outputs (o_proj,
     /// down_proj), ones for norms.
     pub fn init_trainable(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<(Llama, VarMap)> {
+        Self::init_trainable_with(cfg, seed, Init::Gpt2, device)
+    }
+
+    /// As [`Llama::init_trainable`], with the scale chosen by `init`; residual outputs are always scaled down by
+    /// sqrt(2 * layers).
+    pub fn init_trainable_with(cfg: &LlamaConfig, seed: u64, init: Init, device: &Device) -> Result<(Llama, VarMap)> {
         let vm = VarMap::new();
         let model = Llama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
         let mut rng = Normal { state: seed ^ 0x005E_ED0F_E46A_u64 };
-        let out_std = 0.02 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+        let depth = (2.0 * cfg.num_hidden_layers as f64).sqrt();
         {
             let vars = vm.data().lock().expect("varmap lock");
             for (name, tensor) in model.named_tensors() {
@@ -51,7 +70,14 @@ impl Llama {
                 let init = if name.ends_with("norm.weight") {
                     Tensor::ones(&shape, DType::F32, device)?
                 } else {
-                    let std = if name.contains("o_proj") || name.contains("down_proj") { out_std } else { 0.02 };
+                    let base = match init {
+                        Init::Gpt2 => 0.02,
+                        Init::FanIn if name.contains("embed_tokens") => 1.0,
+                        // Weights are (out, in): the last dimension is the fan-in.
+                        Init::FanIn => 1.0 / (shape.dims()[shape.rank() - 1] as f64).sqrt(),
+                    };
+                    let residual_out = name.contains("o_proj") || name.contains("down_proj");
+                    let std = if residual_out { base / depth } else { base };
                     Tensor::from_vec(rng.sample(shape.elem_count(), std), &shape, device)?
                 };
                 var.set(&init)?;

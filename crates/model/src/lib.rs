@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 pub use config::{LlamaConfig, RopeScaling};
+pub use init::Init;
 pub use llama::{ForwardOptions, ForwardOutput, Kernels, KvCache, Llama, Positions};
 pub use lora::{LoraAdapter, LoraSet, Module};
 use sha2::Digest;
