@@ -321,7 +321,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Import { namespace, delta, parent, promote } => {
             let bytes = std::fs::read(delta).with_context(|| format!("reading {}", delta.display()))?;
-            engram_lineage::delta::LoraDelta::decode(&bytes)
+            engram_lora::Delta::decode(&bytes)
                 .with_context(|| format!("{} is not an engram LoRA delta", delta.display()))?;
             let blobs = BlobStore::open(&blob_url(&cli)?)?;
             let parent = match parent {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use engram_lineage::delta::{Factors, LoraDelta};
+use engram_lora::{Delta, Factors, Meta};
 
 fn ctl(store: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_engramctl"))
@@ -37,7 +37,8 @@ fn fails(store: &str, args: &[&str], needle: &str) {
 /// A one-layer rank-1 delta whose weight change is `value * e_0 e_0^T`: its norm is |scale * value|.
 fn write_delta(dir: &Path, name: &str, value: f32) -> String {
     let f = Factors { rank: 1, in_dim: 3, out_dim: 2, a: vec![1.0, 0.0, 0.0], b: vec![value, 0.0] };
-    let d = LoraDelta { scale: 2.0, adapters: BTreeMap::from([((0, "mlp.down_proj".to_string()), f)]) };
+    let meta = Meta { base_model: "b4se".into(), scale: 2.0, ..Default::default() };
+    let d = Delta { meta, adapters: BTreeMap::from([((0, "mlp.down_proj".to_string()), f)]) };
     let path = dir.join(name);
     std::fs::write(&path, d.encode().unwrap()).unwrap();
     path.display().to_string()

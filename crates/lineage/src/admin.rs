@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::delta::{layer_norms, LoraDelta};
 use crate::{BlobStore, Error, LineageStore, NewVersion, Result, Status, Version, VersionId};
+use engram_lora::{layer_norms, Delta};
 
 /// Stores `delta` and records a candidate version for it: blob first, so no version ever names missing bytes.
 pub async fn record(store: &dyn LineageStore, blobs: &BlobStore, mut new: NewVersion, delta: Bytes) -> Result<Version> {
@@ -55,17 +55,17 @@ pub async fn diff(store: &dyn LineageStore, blobs: &BlobStore, from: &VersionId,
         for id in ids {
             let v = store.version(id).await?;
             let bytes = blobs.get(&v.delta_hash).await?;
-            deltas.push((sign, LoraDelta::decode(&bytes)?));
+            deltas.push((sign, Delta::decode(&bytes).map_err(|e| Error::Corrupt(format!("delta of {id}: {e}")))?));
         }
     }
-    let terms: Vec<(f64, &LoraDelta)> = deltas.iter().map(|(s, d)| (*s, d)).collect();
+    let terms: Vec<(f64, &Delta)> = deltas.iter().map(|(s, d)| (*s, d)).collect();
     Ok(Diff {
         from: from.clone(),
         to: to.clone(),
         common_ancestor: common,
         removed,
         added,
-        layer_norms: layer_norms(&terms)?,
+        layer_norms: layer_norms(&terms).map_err(|e| Error::Invalid(e.to_string()))?,
     })
 }
 

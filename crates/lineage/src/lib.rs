@@ -4,7 +4,7 @@
 //! (id = hash of parent, delta and base model), the head each namespace serves (moved only by compare-and-swap),
 //! tags, and an append-only event history. Two backends share one implementation of every operation
 //! ([`ops`]): [`embedded::EmbeddedStore`] (redb, one file, no server) and [`etcd::EtcdStore`]. Delta bytes live in a
-//! [`blob::BlobStore`], content-addressed and verified on every read.
+//! [`blob::BlobStore`], content-addressed and verified on every read; their format is `engram-lora`'s.
 //!
 //! Crash safety follows from the order of writes: a delta's blob is stored before any version names it, and a
 //! version is recorded (atomically, with its log and event entries) before any head can point at it.
@@ -13,7 +13,6 @@
 pub mod admin;
 pub mod bench;
 pub mod blob;
-pub mod delta;
 pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;

@@ -361,7 +361,8 @@ that later get injected. The evaluation below says how far it got.\n\n\
 | field | value |\n|---|---|\n| data seed | {seed} |\n| steps | {steps} |\n| batch | {rows} rows x {row_len} tokens, packed |\n\
 | tokens | {tokens} |\n| wall time | {wall:.0} s ({wall_min:.1} min) on 2 CPU cores |\n| throughput | {tps:.0} tokens/s |\n\
 | final loss | {loss:.4} |\n| peak lr | {lr} (warmup {wu}, hold {hold}, cosine to {fin}x) |\n\
-| mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw}; 1-2 person documents until step {sd} |\n\n\
+| mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw}; {qlo}-{qhi} questions per \
+document, document text weight {tw}; 1-2 person documents until step {sd} |\n| init | {init:?} |\n\n\
 Reproduce: `engram train base --seed {seed} --steps {steps} --out <dir>` (resumable with `--resume`). The per-step \
 log is `train_log.jsonl` beside this card when trained locally.\n\n\
 ## Evaluation\n\n\
@@ -396,6 +397,10 @@ icl_single by attribute: {attrs}\n",
         ms = c.mix.skill,
         aw = c.mix.answer_weight,
         sd = c.mix.short_docs_until,
+        qlo = c.mix.questions[0],
+        qhi = c.mix.questions[1],
+        tw = c.mix.reading_text_weight,
+        init = c.init,
         eseed = r.seed,
         items = r.items,
         a = r.icl_single,

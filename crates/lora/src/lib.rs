@@ -1,0 +1,336 @@
+//! A LoRA delta: for each adapted (layer, module) a pair of factors `A` (rank x in) and `B` (out x rank), standing
+//! for the weight change `scale * B @ A`, plus what it applies to and who made it.
+//!
+//! The native file is safetensors: tensors `layers.{layer}.{module}.lora_a|lora_b` (f32, modules named as in
+//! Hugging Face Llama: `mlp.down_proj`, `self_attn.q_proj`, ...) and header metadata (format, base model hash, scale,
+//! injector). A delta's identity is [`Delta::content_hash`], a SHA-256 over a canonical encoding, so equal deltas
+//! have equal hashes however their files were written. [`peft`] converts to and from Hugging Face PEFT.
+//! Nothing here needs candle: services and operator tools read deltas without a tensor library.
+#![forbid(unsafe_code)]
+
+pub mod peft;
+
+use std::collections::{BTreeMap, HashMap};
+
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const FORMAT: &str = "engram-lora-delta/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("malformed delta: {0}")]
+    Malformed(String),
+    #[error("invalid delta: {0}")]
+    Invalid(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn malformed(msg: impl Into<String>) -> Error {
+    Error::Malformed(msg.into())
+}
+
+/// The factors of one adapted weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factors {
+    pub rank: usize,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    /// rank x in, row-major.
+    pub a: Vec<f32>,
+    /// out x rank, row-major.
+    pub b: Vec<f32>,
+}
+
+impl Factors {
+    pub fn new(rank: usize, in_dim: usize, out_dim: usize, a: Vec<f32>, b: Vec<f32>) -> Result<Self> {
+        if a.len() != rank * in_dim || b.len() != out_dim * rank {
+            return Err(Error::Invalid(format!(
+                "factors of rank {rank} for a {out_dim}x{in_dim} weight need {} and {} values, got {} and {}",
+                rank * in_dim,
+                out_dim * rank,
+                a.len(),
+                b.len()
+            )));
+        }
+        Ok(Self { rank, in_dim, out_dim, a, b })
+    }
+}
+
+/// Where a delta comes from and what it applies to.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Hash of the base model the delta was made for (`BaseModel::hash`).
+    pub base_model: String,
+    pub scale: f32,
+    /// e.g. `hypernet`, `distill`, `import`.
+    pub injector: String,
+    pub injector_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    pub meta: Meta,
+    /// (layer, module) -> factors.
+    pub adapters: BTreeMap<(usize, String), Factors>,
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn le_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A tensor as read: shape and row-major values.
+pub(crate) type Tensor = (Vec<usize>, Vec<f32>);
+
+/// Reads every tensor of a safetensors file as f32.
+pub(crate) fn read_tensors(bytes: &[u8]) -> Result<(HashMap<String, String>, Vec<(String, Tensor)>)> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| malformed(e.to_string()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| malformed(e.to_string()))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(malformed(format!("{name} is {:?}; deltas are f32", view.dtype())));
+        }
+        out.push((name, (view.shape().to_vec(), f32s(view.data()))));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((meta, out))
+}
+
+pub(crate) fn write_tensors(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), le_bytes(v))).collect();
+    let views = owned
+        .iter()
+        .map(|(n, shape, data)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| malformed(e.to_string()))?;
+    safetensors::serialize(views, Some(meta)).map_err(|e| malformed(e.to_string()))
+}
+
+/// Pairs `lora_a`/`lora_b` tensors found under (layer, module) keys into factors.
+pub(crate) fn pair(
+    parts: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)>,
+) -> Result<BTreeMap<(usize, String), Factors>> {
+    let mut adapters = BTreeMap::new();
+    for ((layer, module), (a, b)) in parts {
+        let (Some((sa, a)), Some((sb, b))) = (a, b) else {
+            return Err(malformed(format!("layer {layer} {module} lacks its A or B")));
+        };
+        if sa.len() != 2 || sb.len() != 2 || sa[0] != sb[1] {
+            return Err(malformed(format!("layer {layer} {module}: A {sa:?} and B {sb:?} do not chain")));
+        }
+        adapters.insert((layer, module), Factors { rank: sa[0], in_dim: sa[1], out_dim: sb[0], a, b });
+    }
+    Ok(adapters)
+}
+
+impl Delta {
+    /// Largest rank over the adapted weights.
+    pub fn rank(&self) -> usize {
+        self.adapters.values().map(|f| f.rank).max().unwrap_or(0)
+    }
+
+    /// The adapted module names, e.g. `["mlp.down_proj"]`.
+    pub fn target_modules(&self) -> Vec<String> {
+        let mut m: Vec<String> = self.adapters.keys().map(|(_, m)| m.clone()).collect();
+        m.sort();
+        m.dedup();
+        m
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut tensors = Vec::new();
+        for ((layer, module), f) in &self.adapters {
+            tensors.push((format!("layers.{layer}.{module}.lora_a"), vec![f.rank, f.in_dim], f.a.clone()));
+            tensors.push((format!("layers.{layer}.{module}.lora_b"), vec![f.out_dim, f.rank], f.b.clone()));
+        }
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("base_model".into(), self.meta.base_model.clone()),
+            ("scale".into(), self.meta.scale.to_string()),
+            ("rank".into(), self.rank().to_string()),
+            ("target_modules".into(), self.target_modules().join(",")),
+            ("injector".into(), self.meta.injector.clone()),
+            ("injector_version".into(), self.meta.injector_version.clone()),
+        ]);
+        write_tensors(&tensors, meta)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let (meta, tensors) = read_tensors(bytes)?;
+        match meta.get("format") {
+            Some(f) if f == FORMAT => {}
+            other => return Err(malformed(format!("format {other:?}, expected {FORMAT:?}"))),
+        }
+        let scale: f32 =
+            meta.get("scale").and_then(|s| s.parse().ok()).ok_or_else(|| malformed("missing or unreadable scale"))?;
+        let field = |k: &str| meta.get(k).cloned().unwrap_or_default();
+        let mut parts: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (name, t) in tensors {
+            let parsed = name
+                .strip_prefix("layers.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
+                .and_then(|(l, rest)| {
+                    let (module, which) = rest.rsplit_once('.')?;
+                    Some((l, module.to_string(), which))
+                });
+            let Some((layer, module, which)) = parsed else {
+                return Err(malformed(format!("unexpected tensor {name}")));
+            };
+            let entry = parts.entry((layer, module)).or_default();
+            match which {
+                "lora_a" => entry.0 = Some(t),
+                "lora_b" => entry.1 = Some(t),
+                _ => return Err(malformed(format!("unexpected tensor {name}"))),
+            }
+        }
+        Ok(Self {
+            meta: Meta {
+                base_model: field("base_model"),
+                scale,
+                injector: field("injector"),
+                injector_version: field("injector_version"),
+            },
+            adapters: pair(parts)?,
+        })
+    }
+
+    /// SHA-256 (hex) over a canonical encoding: metadata fields in a fixed order, then every adapter in key order
+    /// with its shape and little-endian values. Independent of file layout and header key order.
+    pub fn content_hash(&self) -> String {
+        let mut h = Sha256::new();
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        field(FORMAT.as_bytes());
+        field(self.meta.base_model.as_bytes());
+        field(&self.meta.scale.to_le_bytes());
+        field(self.meta.injector.as_bytes());
+        field(self.meta.injector_version.as_bytes());
+        for ((layer, module), f) in &self.adapters {
+            field(format!("{layer}/{module}/{}/{}/{}", f.rank, f.in_dim, f.out_dim).as_bytes());
+            field(&le_bytes(&f.a));
+            field(&le_bytes(&f.b));
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Checks the delta against what it will be applied to: `shape(module)` gives a module's (in, out) dimensions
+    /// in the base model (`None`: no such module); `layers` its layer count. Also refuses non-finite values, a rank
+    /// above `max_rank`, a per-weight norm of `scale * B @ A` above `max_norm`, and a different base model hash.
+    pub fn validate(
+        &self,
+        base_model: &str,
+        layers: usize,
+        shape: impl Fn(&str) -> Option<(usize, usize)>,
+        max_rank: usize,
+        max_norm: f64,
+    ) -> Result<()> {
+        if self.meta.base_model != base_model {
+            return Err(Error::Invalid(format!("made for base model {:?}, not {base_model:?}", self.meta.base_model)));
+        }
+        if !self.meta.scale.is_finite() {
+            return Err(Error::Invalid(format!("scale {} is not finite", self.meta.scale)));
+        }
+        if self.adapters.is_empty() {
+            return Err(Error::Invalid("no adapted weights".into()));
+        }
+        for ((layer, module), f) in &self.adapters {
+            let at = format!("layer {layer} {module}");
+            if *layer >= layers {
+                return Err(Error::Invalid(format!("{at}: the base model has {layers} layers")));
+            }
+            let Some((i, o)) = shape(module) else {
+                return Err(Error::Invalid(format!("{at}: the base model has no module {module:?}")));
+            };
+            if (f.in_dim, f.out_dim) != (i, o) {
+                return Err(Error::Invalid(format!(
+                    "{at}: factors are for a {}x{} weight, the base model's is {o}x{i}",
+                    f.out_dim, f.in_dim
+                )));
+            }
+            if f.rank == 0 || f.rank > max_rank {
+                return Err(Error::Invalid(format!("{at}: rank {} outside 1..={max_rank}", f.rank)));
+            }
+            if let Some(bad) = f.a.iter().chain(&f.b).find(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!("{at}: non-finite value {bad}")));
+            }
+        }
+        for (layer, n) in layer_norms(&[(1.0, self)])? {
+            if n > max_norm {
+                return Err(Error::Invalid(format!(
+                    "layer {layer}: norm {n:.3} of the weight change exceeds {max_norm}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The dense weight change `scale * B @ A` of one adapter, (out x in) row-major.
+    pub fn dense(&self, layer: usize, module: &str) -> Option<Vec<f32>> {
+        let f = self.adapters.get(&(layer, module.to_string()))?;
+        let mut w = vec![0f32; f.out_dim * f.in_dim];
+        for o in 0..f.out_dim {
+            for r in 0..f.rank {
+                let b = f.b[o * f.rank + r] * self.meta.scale;
+                for (wi, ai) in
+                    w[o * f.in_dim..(o + 1) * f.in_dim].iter_mut().zip(&f.a[r * f.in_dim..(r + 1) * f.in_dim])
+                {
+                    *wi += b * ai;
+                }
+            }
+        }
+        Some(w)
+    }
+}
+
+/// Frobenius norm, per layer, of `sum_i sign_i * scale_i * B_i @ A_i` over the given deltas (all modules of a layer
+/// together), computed from r x r Gram matrices, never the dense matrix: cheap even for a 70B model's shapes.
+pub fn layer_norms(terms: &[(f64, &Delta)]) -> Result<BTreeMap<usize, f64>> {
+    let mut by_module: BTreeMap<&(usize, String), Vec<(f64, &Factors)>> = BTreeMap::new();
+    for (sign, d) in terms {
+        for (k, f) in &d.adapters {
+            by_module.entry(k).or_default().push((sign * d.meta.scale as f64, f));
+        }
+    }
+    let mut out: BTreeMap<usize, f64> = BTreeMap::new();
+    for ((layer, module), fs) in by_module {
+        let (i0, o0) = (fs[0].1.in_dim, fs[0].1.out_dim);
+        if fs.iter().any(|(_, f)| f.in_dim != i0 || f.out_dim != o0) {
+            return Err(Error::Invalid(format!("layer {layer} {module}: deltas disagree on the weight's shape")));
+        }
+        let mut sq = 0.0;
+        for (ci, fi) in &fs {
+            for (cj, fj) in &fs {
+                // <B_i^T B_j, A_i A_j^T>: both r_i x r_j.
+                for p in 0..fi.rank {
+                    for q in 0..fj.rank {
+                        let bb: f64 =
+                            (0..o0).map(|o| fi.b[o * fi.rank + p] as f64 * fj.b[o * fj.rank + q] as f64).sum();
+                        let aa: f64 = (0..i0).map(|i| fi.a[p * i0 + i] as f64 * fj.a[q * i0 + i] as f64).sum();
+                        sq += ci * cj * bb * aa;
+                    }
+                }
+            }
+        }
+        *out.entry(*layer).or_default() += sq.max(0.0);
+    }
+    Ok(out.into_iter().map(|(l, s)| (l, s.sqrt())).collect())
+}

@@ -1,0 +1,107 @@
+use std::collections::BTreeMap;
+
+use engram_lora::{layer_norms, peft, Delta, Factors, Meta};
+
+fn pseudo(seed: u32, n: usize) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+            (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn delta(seed: u32, scale: f32) -> Delta {
+    let mut adapters = BTreeMap::new();
+    for layer in 0..2 {
+        let (r, i, o) = (3, 5, 4);
+        let f =
+            Factors::new(r, i, o, pseudo(seed + layer as u32, r * i), pseudo(seed + 17 + layer as u32, o * r)).unwrap();
+        adapters.insert((layer, "mlp.down_proj".to_string()), f);
+    }
+    let meta = Meta { base_model: "b4se".into(), scale, injector: "test".into(), injector_version: "1".into() };
+    Delta { meta, adapters }
+}
+
+fn dense_norm(terms: &[(f64, &Delta)], layer: usize) -> f64 {
+    let mut w = vec![0.0f64; 20];
+    for (s, d) in terms {
+        for (wi, v) in w.iter_mut().zip(d.dense(layer, "mlp.down_proj").unwrap()) {
+            *wi += s * v as f64;
+        }
+    }
+    w.iter().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+#[test]
+fn native_round_trip_keeps_content_hash() {
+    let d = delta(1, 2.5);
+    let back = Delta::decode(&d.encode().unwrap()).unwrap();
+    assert_eq!(back, d);
+    assert_eq!(back.content_hash(), d.content_hash());
+    assert_ne!(delta(2, 2.5).content_hash(), d.content_hash());
+    assert_ne!(delta(1, 2.0).content_hash(), d.content_hash());
+    assert!(Delta::decode(b"not safetensors").is_err());
+}
+
+#[test]
+fn gram_norms_equal_dense_norms() {
+    let (a, b) = (delta(1, 2.0), delta(2, 0.5));
+    let terms = [(1.0, &a), (-1.0, &b)];
+    let norms = layer_norms(&terms).unwrap();
+    for layer in 0..2 {
+        let dense = dense_norm(&terms, layer);
+        assert!((norms[&layer] - dense).abs() < 1e-5 * dense.max(1.0), "{} vs {dense}", norms[&layer]);
+    }
+    assert!(layer_norms(&[(1.0, &a), (-1.0, &a)]).unwrap().values().all(|&n| n < 1e-5));
+}
+
+#[test]
+fn validation_names_what_is_wrong() {
+    let d = delta(1, 1.0);
+    let shape = |m: &str| (m == "mlp.down_proj").then_some((5, 4));
+    d.validate("b4se", 2, shape, 8, 100.0).unwrap();
+    let err = |r: engram_lora::Result<()>| r.unwrap_err().to_string();
+    assert!(err(d.validate("other", 2, shape, 8, 100.0)).contains("base model"));
+    assert!(err(d.validate("b4se", 1, shape, 8, 100.0)).contains("has 1 layers"));
+    assert!(err(d.validate("b4se", 2, |_| Some((6, 4)), 8, 100.0)).contains("4x6"));
+    assert!(err(d.validate("b4se", 2, |_| None, 8, 100.0)).contains("no module"));
+    assert!(err(d.validate("b4se", 2, shape, 2, 100.0)).contains("rank 3"));
+    assert!(err(d.validate("b4se", 2, shape, 8, 1e-6)).contains("exceeds"));
+    let mut nan = d.clone();
+    nan.adapters.values_mut().next().unwrap().a[0] = f32::NAN;
+    assert!(err(nan.validate("b4se", 2, shape, 8, 100.0)).contains("non-finite"));
+    assert!(Factors::new(2, 3, 4, vec![0.0; 5], vec![0.0; 8]).is_err());
+}
+
+#[test]
+fn peft_export_import_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = delta(3, 4.0);
+    peft::export(&d, dir.path(), "models/base").unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(peft::CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 3);
+    assert_eq!(cfg["lora_alpha"].as_f64(), Some(12.0));
+    assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj"]));
+    let back = peft::import(dir.path(), "b4se").unwrap();
+    assert_eq!(back.adapters, d.adapters);
+    assert_eq!(back.meta.scale, 4.0);
+    for layer in 0..2 {
+        assert_eq!(back.dense(layer, "mlp.down_proj"), d.dense(layer, "mlp.down_proj"));
+    }
+}
+
+#[test]
+fn peft_mixed_ranks_keep_each_modules_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = delta(5, 2.0);
+    d.adapters.insert((1, "self_attn.q_proj".into()), Factors::new(1, 5, 5, pseudo(9, 5), pseudo(10, 5)).unwrap());
+    peft::export(&d, dir.path(), "models/base").unwrap();
+    let back = peft::import(dir.path(), "b4se").unwrap();
+    for ((layer, module), _) in &d.adapters {
+        let (x, y) = (d.dense(*layer, module).unwrap(), back.dense(*layer, module).unwrap());
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6), "{layer} {module}");
+    }
+}
