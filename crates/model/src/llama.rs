@@ -179,6 +179,25 @@ impl Llama {
         out
     }
 
+    /// A copy of this model with `deltas` merged into its weights, `W = W0 + sum scale * B @ A`, added in the
+    /// given order. `self` (W0) is untouched, and the same deltas in the same order give bit-identical weights, so
+    /// a merged state is always rebuilt from W0, never patched.
+    pub fn merged(&self, deltas: &[&engram_lora::Delta]) -> Result<Llama> {
+        let mut tensors: std::collections::HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
+        for delta in deltas {
+            let set = crate::LoraSet::from_delta(delta, self.device())?;
+            set.validate(&self.cfg, None)?;
+            for (&(layer, module), ad) in set.iter() {
+                let name = format!("model.layers.{layer}.{}.weight", module.path());
+                let w = &tensors[&name];
+                let dw = (ad.b.matmul(&ad.a)? * ad.scale)?.to_dtype(w.dtype())?;
+                let sum = (w + dw)?;
+                tensors.insert(name, sum);
+            }
+        }
+        Llama::new(&self.cfg, VarBuilder::from_tensors(tensors, self.dtype(), self.device()))
+    }
+
     /// The frozen weight of one linear module (`out x in`), e.g. for null-space projections.
     pub fn weight(&self, layer: usize, module: Module) -> &Tensor {
         let l = &self.layers[layer];

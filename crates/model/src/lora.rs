@@ -163,3 +163,54 @@ impl LoraSet {
         Ok(())
     }
 }
+
+impl Module {
+    /// The module at a Hugging Face path such as `mlp.down_proj`.
+    pub fn from_path(path: &str) -> Option<Module> {
+        Self::ALL.into_iter().find(|m| m.path() == path)
+    }
+}
+
+impl LoraSet {
+    /// The adapters of a stored delta, as tensors on `device` (batch-shared).
+    pub fn from_delta(delta: &engram_lora::Delta, device: &candle_core::Device) -> Result<Self> {
+        let mut set = Self::new();
+        for ((layer, path), f) in &delta.adapters {
+            let module = Module::from_path(path)
+                .ok_or_else(|| ModelError::Lora(format!("layer {layer}: unknown module {path:?}")))?;
+            let a = Tensor::from_vec(f.a.clone(), (f.rank, f.in_dim), device)?;
+            let b = Tensor::from_vec(f.b.clone(), (f.out_dim, f.rank), device)?;
+            set.insert(*layer, module, LoraAdapter::new(a, b, delta.meta.scale as f64));
+        }
+        Ok(set)
+    }
+
+    /// A stored delta of these (batch-shared) adapters. Every adapter must share `meta.scale`; factors are copied
+    /// to the CPU as f32.
+    pub fn to_delta(&self, meta: engram_lora::Meta) -> Result<engram_lora::Delta> {
+        let mut adapters = BTreeMap::new();
+        for (&(layer, module), ad) in &self.adapters {
+            if ad.batch().is_some() {
+                return Err(ModelError::Lora(format!(
+                    "layer {layer} {}: a per-example adapter is not one delta",
+                    module.path()
+                )));
+            }
+            if (ad.scale - meta.scale as f64).abs() > 1e-6 * ad.scale.abs().max(1.0) {
+                return Err(ModelError::Lora(format!(
+                    "layer {layer} {}: scale {} differs from {}",
+                    module.path(),
+                    ad.scale,
+                    meta.scale
+                )));
+            }
+            let (r, i) = ad.a.dims2()?;
+            let o = ad.b.dims2()?.0;
+            let a = ad.a.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let b = ad.b.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let f = engram_lora::Factors::new(r, i, o, a, b).map_err(|e| ModelError::Lora(e.to_string()))?;
+            adapters.insert((layer, module.path().to_string()), f);
+        }
+        Ok(engram_lora::Delta { meta, adapters })
+    }
+}
