@@ -361,6 +361,35 @@ impl World {
         }
     }
 
+    // ---- reading a document back ----
+
+    /// The people a text names (a first name followed by a last name), in order of first mention.
+    pub fn names_in(&self, text: &str) -> Vec<String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let mut out: Vec<String> = Vec::new();
+        for w in words.windows(2) {
+            if self.first_names.iter().any(|f| f == w[0]) && self.last_names.iter().any(|l| l == w[1]) {
+                let name = format!("{} {}", w[0], w[1]);
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every trained-phrasing question about `name`, as prompts ending in `A :` (never the held-out phrasing:
+    /// what trains on these must not see the evaluation's wording).
+    pub fn questions_about(&self, name: &str) -> Vec<(Attribute, String)> {
+        let mut out = Vec::new();
+        for a in Attribute::ALL {
+            for p in TRAINED_PHRASINGS {
+                out.push((a, format!("Q : {} A :", text::question(a, p, name))));
+            }
+        }
+        out
+    }
+
     // ---- graded probes ----
 
     /// In-context reading: a document of `people` drawn from `split`, one question about one of them.
