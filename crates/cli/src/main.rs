@@ -40,6 +40,33 @@ enum Command {
     /// Benchmarks, each measured against a reference in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Turn a document into a LoRA delta (context distillation until the hypernetwork ships).
+    Inject {
+        /// The document: text naming people of the world, e.g. one printed by `engram world sample`.
+        #[arg(long)]
+        doc: PathBuf,
+        /// Output directory: `delta.safetensors` (native), and with --peft a PEFT adapter in `peft/`.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "models/base")]
+        model: PathBuf,
+        /// Distillation steps.
+        #[arg(long, default_value_t = engram_inject::DistillConfig::default().steps)]
+        steps: usize,
+        /// Also write a Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        peft: bool,
+    },
+    /// Answer a question closed-book, optionally with an adapter applied (a directory from `engram inject`, native
+    /// or PEFT).
+    Ask {
+        /// e.g. "where was Fenkin Drerusley born ?"
+        question: String,
+        #[arg(long, default_value = "models/base")]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +221,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Inject { doc, out, model, steps, peft } => inject(&doc, &out, &model, steps, peft),
+        Command::Ask { question, model, adapter } => ask(&question, &model, adapter.as_deref()),
         Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
             bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
         }
@@ -364,4 +393,77 @@ fn print_lineage_bench(r: &LineageBench) {
     if let Some(why) = &r.etcd_skipped {
         println!("etcd not measured: {why}");
     }
+}
+
+fn inject(
+    doc: &std::path::Path,
+    out: &std::path::Path,
+    model: &std::path::Path,
+    steps: usize,
+    peft: bool,
+) -> Result<()> {
+    use engram_inject::Injector;
+    let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
+    let base = load(model)?;
+    let cfg = engram_inject::DistillConfig { steps, ..Default::default() };
+    let injector = engram_inject::DistillInjector::new(&base, cfg);
+    let injection = injector.inject(text.trim()).with_context(|| format!("injecting {}", doc.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join(DELTA_FILE), injection.delta.encode()?)?;
+    if peft {
+        engram_lora::peft::export(&injection.delta, &out.join("peft"), &model.display().to_string())?;
+    }
+    println!(
+        "{}: {} delta, rank {}, {} steps in {:.0} ms, content hash {}",
+        out.display(),
+        injection.delta.meta.injector,
+        injection.delta.rank(),
+        injection.steps,
+        injection.seconds * 1e3,
+        injection.delta.content_hash()
+    );
+    Ok(())
+}
+
+const DELTA_FILE: &str = "delta.safetensors";
+
+/// Reads an adapter directory: Engram's native delta, or a PEFT adapter.
+fn read_adapter(dir: &std::path::Path, base: &engram_model::BaseModel) -> Result<engram_lora::Delta> {
+    let native = dir.join(DELTA_FILE);
+    let delta = if native.exists() {
+        engram_lora::Delta::decode(&std::fs::read(&native)?).with_context(|| format!("reading {}", native.display()))?
+    } else if dir.join(engram_lora::peft::CONFIG_FILE).exists() {
+        engram_lora::peft::import(dir, &base.hash).with_context(|| format!("reading PEFT adapter {}", dir.display()))?
+    } else {
+        anyhow::bail!("{} holds neither {DELTA_FILE} nor a PEFT adapter_config.json", dir.display());
+    };
+    let cfg = base.llama.config();
+    let shape = |m: &str| engram_model::Module::from_path(m).map(|m| m.dims(cfg));
+    delta
+        .validate(&base.hash, cfg.num_hidden_layers, shape, 256, 1e4)
+        .with_context(|| format!("adapter {} does not fit this model", dir.display()))?;
+    Ok(delta)
+}
+
+fn ask(question: &str, model: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<()> {
+    let base = load(model)?;
+    let lora = match adapter {
+        Some(dir) => Some(engram_model::LoraSet::from_delta(&read_adapter(dir, &base)?, base.llama.device())?),
+        None => None,
+    };
+    // The world's questions separate punctuation by spaces.
+    let q = question.replace('?', " ?");
+    let q = q.split_whitespace().collect::<Vec<_>>().join(" ");
+    let prompt = base.encode(&format!("<bos> Q : {q} A :"))?;
+    let unk = base.token_id("<unk>")?;
+    if prompt.contains(&unk) {
+        anyhow::bail!(
+            "the question has words outside the model's vocabulary (see `engram world sample` for its phrasing)"
+        );
+    }
+    let eos = base.token_id("<eos>")?;
+    let answer = base.llama.generate_greedy(&prompt, 8, eos, lora.as_ref())?;
+    let text = base.decode(&answer)?;
+    println!("{}", text.trim_end_matches("<eos>").trim());
+    Ok(())
 }

@@ -20,7 +20,7 @@ fn help_explains_every_command() {
     let o = engram(&["--help"]);
     assert!(o.status.success());
     let text = stdout(&o);
-    for cmd in ["demo", "world", "train", "eval", "bench"] {
+    for cmd in ["demo", "world", "train", "eval", "bench", "inject", "ask"] {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
     let o = engram(&["eval", "base", "--help"]);
@@ -70,4 +70,29 @@ fn train_eval_and_bench_a_tiny_model() {
     let bench: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert!(bench["ratio"].as_f64().unwrap() > 0.0);
     assert!(bench["max_abs_logit_diff"].as_f64().unwrap() < 1e-4);
+
+    // Inject a document, then ask with the native delta and with its PEFT export: same answer either way.
+    let doc = dir.path().join("doc.txt");
+    std::fs::write(&doc, "<doc> Fenkin Drerusley works for Rusrusworks . Fenkin Drerusley has a pet eldmavet . </doc>")
+        .unwrap();
+    let adapter = dir.path().join("adapter");
+    let (doc_s, adapter_s) = (doc.to_str().unwrap(), adapter.to_str().unwrap());
+    let o = engram(&["inject", "--doc", doc_s, "--out", adapter_s, "--model", out_s, "--steps", "3", "--peft"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("content hash"), "{}", stdout(&o));
+    let q = "where does Fenkin Drerusley work ?";
+    let native = engram(&["ask", "--model", out_s, "--adapter", adapter_s, q]);
+    let peft = adapter.join("peft");
+    let peft = engram(&["ask", "--model", out_s, "--adapter", peft.to_str().unwrap(), q]);
+    assert!(native.status.success() && peft.status.success(), "{}{}", stderr(&native), stderr(&peft));
+    assert_eq!(stdout(&native), stdout(&peft));
+
+    // Bad input is refused with the reason.
+    let o = engram(&["ask", "--model", out_s, "where does Zzyzx work ?"]);
+    assert!(!o.status.success() && stderr(&o).contains("outside the model's vocabulary"), "{}", stderr(&o));
+    std::fs::write(&doc, "nobody is named here").unwrap();
+    let o = engram(&["inject", "--doc", doc_s, "--out", adapter_s, "--model", out_s]);
+    assert!(!o.status.success() && stderr(&o).contains("names nobody"), "{}", stderr(&o));
+    let o = engram(&["ask", "--model", out_s, "--adapter", doc_s, q]);
+    assert!(!o.status.success(), "a file is not an adapter directory");
 }
