@@ -215,8 +215,12 @@ impl LineageStore for EmbeddedStore {
                     Ok(c) if c.namespace == last.namespace => c,
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Fell behind: deliver the current head instead of the moves we missed.
+                        // Fell behind: deliver the current head instead of the moves we missed (if it moved).
                         match read_head(&db, &keys, &last.namespace) {
+                            Ok(c) if c.head == last.head => {
+                                last.seq = last.seq.max(c.seq);
+                                continue;
+                            }
                             Ok(c) => c,
                             Err(e) => {
                                 let _ = tx.send(Err(e)).await;
