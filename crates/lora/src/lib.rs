@@ -90,8 +90,11 @@ fn le_bytes(x: &[f32]) -> Vec<u8> {
 /// A tensor as read: shape and row-major values.
 pub(crate) type Tensor = (Vec<usize>, Vec<f32>);
 
+/// A safetensors header's free-form metadata.
+pub(crate) type Metadata = HashMap<String, String>;
+
 /// Reads every tensor of a safetensors file as f32.
-pub(crate) fn read_tensors(bytes: &[u8]) -> Result<(HashMap<String, String>, Vec<(String, Tensor)>)> {
+pub(crate) fn read_tensors(bytes: &[u8]) -> Result<(Metadata, Vec<(String, Tensor)>)> {
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| malformed(e.to_string()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(bytes).map_err(|e| malformed(e.to_string()))?;
@@ -122,10 +125,18 @@ pub(crate) fn write_tensors(
     safetensors::serialize(views, Some(meta)).map_err(|e| malformed(e.to_string()))
 }
 
-/// Pairs `lora_a`/`lora_b` tensors found under (layer, module) keys into factors.
-pub(crate) fn pair(
-    parts: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)>,
+/// Pairs up the A and B tensors of each (layer, module). `parse` names a tensor's layer, module and whether it is
+/// the A (`true`) or the B factor; `None` marks a tensor that does not belong in a delta.
+pub(crate) fn assemble(
+    tensors: Vec<(String, Tensor)>,
+    parse: impl Fn(&str) -> Option<(usize, String, bool)>,
 ) -> Result<BTreeMap<(usize, String), Factors>> {
+    let mut parts: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (name, t) in tensors {
+        let (layer, module, is_a) = parse(&name).ok_or_else(|| malformed(format!("unexpected tensor {name}")))?;
+        let entry = parts.entry((layer, module)).or_default();
+        *(if is_a { &mut entry.0 } else { &mut entry.1 }) = Some(t);
+    }
     let mut adapters = BTreeMap::new();
     for ((layer, module), (a, b)) in parts {
         let (Some((sa, a)), Some((sb, b))) = (a, b) else {
@@ -180,26 +191,16 @@ impl Delta {
         let scale: f32 =
             meta.get("scale").and_then(|s| s.parse().ok()).ok_or_else(|| malformed("missing or unreadable scale"))?;
         let field = |k: &str| meta.get(k).cloned().unwrap_or_default();
-        let mut parts: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-        for (name, t) in tensors {
-            let parsed = name
-                .strip_prefix("layers.")
-                .and_then(|r| r.split_once('.'))
-                .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
-                .and_then(|(l, rest)| {
-                    let (module, which) = rest.rsplit_once('.')?;
-                    Some((l, module.to_string(), which))
-                });
-            let Some((layer, module, which)) = parsed else {
-                return Err(malformed(format!("unexpected tensor {name}")));
+        let adapters = assemble(tensors, |name| {
+            let (layer, rest) = name.strip_prefix("layers.")?.split_once('.')?;
+            let (module, which) = rest.rsplit_once('.')?;
+            let is_a = match which {
+                "lora_a" => true,
+                "lora_b" => false,
+                _ => return None,
             };
-            let entry = parts.entry((layer, module)).or_default();
-            match which {
-                "lora_a" => entry.0 = Some(t),
-                "lora_b" => entry.1 = Some(t),
-                _ => return Err(malformed(format!("unexpected tensor {name}"))),
-            }
-        }
+            Some((layer.parse().ok()?, module.to_string(), is_a))
+        })?;
         Ok(Self {
             meta: Meta {
                 base_model: field("base_model"),
@@ -207,7 +208,7 @@ impl Delta {
                 injector: field("injector"),
                 injector_version: field("injector_version"),
             },
-            adapters: pair(parts)?,
+            adapters,
         })
     }
 

@@ -3,12 +3,12 @@
 //! Engram delta onto the exported base model unchanged. PEFT scales by `lora_alpha / r`; export sets
 //! `lora_alpha = scale * r` (and per-module patterns where ranks differ).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::{malformed, pair, read_tensors, write_tensors, Delta, Error, Meta, Result, Tensor};
+use crate::{assemble, malformed, read_tensors, write_tensors, Delta, Error, Meta, Result};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -84,24 +84,16 @@ pub fn import(dir: &Path, base_model: &str) -> Result<Delta> {
     }
     let bytes = std::fs::read(dir.join(WEIGHTS_FILE))?;
     let (_, tensors) = read_tensors(&bytes)?;
-    let mut parts: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-    for (name, t) in tensors {
-        let parsed = name.strip_prefix(PREFIX).and_then(|rest| {
-            let (layer, rest) = rest.split_once('.')?;
-            let (module, which) = rest.strip_suffix(".weight")?.rsplit_once('.')?;
-            Some((layer.parse::<usize>().ok()?, module.to_string(), which))
-        });
-        let Some((layer, module, which)) = parsed else {
-            return Err(malformed(format!("unexpected tensor {name} in a PEFT Llama adapter")));
+    let mut adapters = assemble(tensors, |name| {
+        let (layer, rest) = name.strip_prefix(PREFIX)?.split_once('.')?;
+        let (module, which) = rest.strip_suffix(".weight")?.rsplit_once('.')?;
+        let is_a = match which {
+            "lora_A" => true,
+            "lora_B" => false,
+            _ => return None,
         };
-        let e = parts.entry((layer, module)).or_default();
-        match which {
-            "lora_A" => e.0 = Some(t),
-            "lora_B" => e.1 = Some(t),
-            _ => return Err(malformed(format!("unexpected tensor {name}"))),
-        }
-    }
-    let mut adapters = pair(parts)?;
+        Some((layer.parse().ok()?, module.to_string(), is_a))
+    })?;
     let common = scaling(alpha, r) as f32;
     for ((layer, module), f) in adapters.iter_mut() {
         let key = format!("model.layers.{layer}.{module}");
