@@ -16,8 +16,8 @@ use etcd_client::{
 use crate::ops::{self, Applied, Op, Reader, Tx};
 use crate::{Error, HeadChange, HeadWatch, Keys, LineageStore, Namespace, Result};
 
-/// Optimistic retries before giving up on a hot key.
-const MAX_ATTEMPTS: usize = 100;
+/// How long an operation keeps retrying lost races on a hot key before giving up.
+const RETRY_FOR: Duration = Duration::from_secs(10);
 
 pub struct EtcdStore {
     client: Client,
@@ -90,7 +90,10 @@ impl LineageStore for EtcdStore {
     }
 
     async fn apply(&self, op: Op) -> Result<Applied> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let started = std::time::Instant::now();
+        let mut attempt = 0usize;
+        while started.elapsed() < RETRY_FOR {
+            attempt += 1;
             let mut reader = SnapshotReader { client: self.client.clone(), revision: None, read: BTreeMap::new() };
             let (result, writes) = {
                 let mut tx = Tx::new(&mut reader);
@@ -111,11 +114,14 @@ impl LineageStore for EtcdStore {
             if resp.succeeded() {
                 return result;
             }
-            // Someone wrote what we read. Back off a little (more on repeats) and run again.
-            let jitter = (std::process::id() as u64 ^ (attempt as u64 * 7919)) % 3;
-            tokio::time::sleep(Duration::from_micros(200 * (attempt.min(20) as u64 + jitter))).await;
+            // Someone wrote what we read. Back off a little (more on repeats), with jitter so racers spread out,
+            // and run again.
+            let jitter =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+                    % 400;
+            tokio::time::sleep(Duration::from_micros(200 * attempt.min(20) as u64 + jitter as u64)).await;
         }
-        Err(Error::Unavailable(format!("gave up after {MAX_ATTEMPTS} optimistic retries on a contended key")))
+        Err(Error::Unavailable(format!("gave up after {attempt} lost races in {RETRY_FOR:?} on a contended key")))
     }
 
     async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
