@@ -40,7 +40,7 @@ enum Command {
     /// Benchmarks, each measured against a reference in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Turn a document into a LoRA delta (context distillation until the hypernetwork ships).
+    /// Turn a document into a LoRA delta: one hypernetwork forward pass, or context distillation.
     Inject {
         /// The document: text naming people of the world, e.g. one printed by `engram world sample`.
         #[arg(long)]
@@ -50,7 +50,12 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "models/base")]
         model: PathBuf,
-        /// Distillation steps.
+        #[command(flatten)]
+        hyper: HypernetArgs,
+        /// Which injector writes the delta.
+        #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
+        injector: InjectorKind,
+        /// Distillation steps (with --injector distill).
         #[arg(long, default_value_t = engram_inject::DistillConfig::default().steps)]
         steps: usize,
         /// Also write a Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors).
@@ -112,6 +117,32 @@ enum TrainCommand {
         #[arg(long, conflicts_with = "tiny")]
         config: Option<PathBuf>,
     },
+    /// Meta-train the Doc-to-LoRA hypernetwork on a base model (context distillation on reading-split people;
+    /// the `fresh` people evaluations inject are never seen). Writes hypernet.json, hypernet.safetensors,
+    /// MODEL_CARD.md, training.json and train_log.jsonl; checkpoints every few steps.
+    Hypernet {
+        /// The base model the hypernetwork reads and writes for.
+        #[arg(long, default_value = "models/base")]
+        model: PathBuf,
+        #[arg(long, default_value = "runs/hypernet")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 2000)]
+        steps: u64,
+        /// Continue from the checkpoint in the output directory.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (with a checkpoint) after this step; continue later with --resume.
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// A small network and batch that train in seconds (smoke tests).
+        #[arg(long)]
+        tiny: bool,
+        /// A whole meta-training config as JSON (the `config` object of a run's training.json).
+        #[arg(long, conflicts_with = "tiny")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -127,8 +158,56 @@ struct ModelArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InjectorKind {
+    /// The meta-trained hypernetwork: one forward pass.
+    Hypernet,
+    /// Context distillation: AdamW steps on questions generated from the document.
+    Distill,
+}
+
+#[derive(Args)]
+struct HypernetArgs {
+    /// The hypernetwork directory (hypernet.json + hypernet.safetensors) trained for --model.
+    #[arg(long, default_value = "models/hypernet")]
+    hypernet: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum EvalCommand {
+    /// Injection quality, cost and side effects: no context vs in context vs distillation vs hypernetwork, on
+    /// held-out fresh documents (one-person and four-person), latency against a prefill, peak memory, the
+    /// distillation steps needed to match the hypernetwork, and canaries (known recall, reading, skills) with one
+    /// delta applied.
+    Inject {
+        #[command(flatten)]
+        args: ModelArgs,
+        #[command(flatten)]
+        hyper: HypernetArgs,
+        /// One-person documents.
+        #[arg(long, default_value_t = 200)]
+        items: usize,
+        /// Four-person documents.
+        #[arg(long, default_value_t = 50)]
+        multi_items: usize,
+        /// Distillation steps of the baseline.
+        #[arg(long, default_value_t = engram_inject::DistillConfig::default().steps)]
+        distill_steps: usize,
+        /// Documents on which distillation step counts are tried until they match the hypernetwork.
+        #[arg(long, default_value_t = 40)]
+        match_items: usize,
+    },
+    /// One fact hidden at a random place in a distractor document of 1x, 2x and 4x the context window: closed-book
+    /// accuracy after hypernetwork injection (documents are chunked), and peak memory at 1x vs 16x.
+    Needle {
+        #[command(flatten)]
+        args: ModelArgs,
+        #[command(flatten)]
+        hyper: HypernetArgs,
+        /// Documents per length.
+        #[arg(long, default_value_t = 50)]
+        items: usize,
+    },
     /// Exact-match accuracy on in-context reading, closed-book recall and skills.
     Base {
         #[command(flatten)]
@@ -204,6 +283,27 @@ fn main() -> Result<()> {
             print!("{}", s.report.table());
             Ok(())
         }
+        Command::Train(TrainCommand::Hypernet { model, out, seed, steps, resume, stop_after, tiny, config }) => {
+            let base = load(&model)?;
+            let cfg = if let Some(path) = config {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a meta-training config", path.display()))?
+            } else if tiny {
+                engram_inject::MetaConfig::tiny(&base, seed, steps)
+            } else {
+                engram_inject::MetaConfig::new(&base, seed, steps)
+            };
+            let Some(s) = engram_inject::train_hypernet(&base, &cfg, &out, resume, stop_after)? else {
+                return Ok(());
+            };
+            let e = &s.final_eval;
+            println!(
+                "meta-trained {} steps in {:.0} s; hypernetwork in {}\n  closed_book_single {:.3}  heldout {:.3}  known_kept {:.3}  leak {:.3}  {:?}",
+                s.steps, s.wall_s, s.out.display(), e.closed_book_single, e.closed_book_heldout, e.known_kept, e.leak, e.by_attribute
+            );
+            Ok(())
+        }
         Command::Demo { args, items } | Command::Eval(EvalCommand::Base { args, items }) => {
             let base = load(&args.model)?;
             let world = World::new();
@@ -221,7 +321,41 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Inject { doc, out, model, steps, peft } => inject(&doc, &out, &model, steps, peft),
+        Command::Inject { doc, out, model, hyper, injector, steps, peft } => {
+            inject(&doc, &out, &model, &hyper.hypernet, injector, steps, peft)
+        }
+        Command::Eval(EvalCommand::Inject { args, hyper, items, multi_items, distill_steps, match_items }) => {
+            let base = load(&args.model)?;
+            let inj = engram_inject::HyperInjector::load(&hyper.hypernet, &base)?;
+            let cfg = engram_inject::evaluate::InjectEvalConfig {
+                seed: args.seed,
+                single_docs: items,
+                multi_docs: multi_items,
+                distill: engram_inject::DistillConfig { steps: distill_steps, ..Default::default() },
+                match_docs: match_items,
+                match_steps: vec![5, 10, 20, 40, 80, 160],
+                canary_deltas: 3,
+                canary_items: 100,
+            };
+            let r = engram_inject::evaluate::evaluate_inject(&base, &inj, &cfg, |m| eprintln!("{m}"))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            Ok(())
+        }
+        Command::Eval(EvalCommand::Needle { args, hyper, items }) => {
+            let base = load(&args.model)?;
+            let inj = engram_inject::HyperInjector::load(&hyper.hypernet, &base)?;
+            let r = engram_inject::evaluate::evaluate_needle(&base, &inj, args.seed, items, |m| eprintln!("{m}"))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            Ok(())
+        }
         Command::Ask { question, model, adapter } => ask(&question, &model, adapter.as_deref()),
         Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
             bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
@@ -399,14 +533,21 @@ fn inject(
     doc: &std::path::Path,
     out: &std::path::Path,
     model: &std::path::Path,
+    hypernet: &std::path::Path,
+    kind: InjectorKind,
     steps: usize,
     peft: bool,
 ) -> Result<()> {
     use engram_inject::Injector;
     let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
     let base = load(model)?;
-    let cfg = engram_inject::DistillConfig { steps, ..Default::default() };
-    let injector = engram_inject::DistillInjector::new(&base, cfg);
+    let injector: Box<dyn Injector> = match kind {
+        InjectorKind::Hypernet => Box::new(engram_inject::HyperInjector::load(hypernet, &base)?),
+        InjectorKind::Distill => {
+            let cfg = engram_inject::DistillConfig { steps, ..Default::default() };
+            Box::new(engram_inject::DistillInjector::new(&base, cfg))
+        }
+    };
     let injection = injector.inject(text.trim()).with_context(|| format!("injecting {}", doc.display()))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join(DELTA_FILE), injection.delta.encode()?)?;

@@ -5,7 +5,17 @@
 //! generated from the document (every trained-phrasing question about every person it names; never the held-out
 //! phrasing), the teacher is the frozen model with the document in context, the student is the model plus a fresh
 //! LoRA without it, and AdamW fits the LoRA to the teacher's top-k answer distributions.
+//!
+//! [`HyperInjector`] is the fast path: a Perceiver hypernetwork ([`hyper`]) meta-trained by [`meta`] emits the delta
+//! in one forward pass.
 #![forbid(unsafe_code)]
+
+pub mod evaluate;
+pub mod hyper;
+pub mod meta;
+
+pub use hyper::{HyperConfig, HyperInjector, HyperNet};
+pub use meta::{train_hypernet, MetaConfig};
 
 use std::time::Instant;
 

@@ -56,12 +56,18 @@ pub fn export(delta: &Delta, dir: &Path, base_model_path: &str) -> Result<()> {
         "inference_mode": true,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "engram": {"base_model": delta.meta.base_model, "injector": delta.meta.injector,
-                   "injector_version": delta.meta.injector_version, "content_hash": delta.content_hash()},
     });
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).expect("json") + "\n")?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    // Engram's provenance rides in the safetensors header, which PEFT ignores (unknown adapter_config keys make it
+    // warn).
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("engram.base_model".to_string(), delta.meta.base_model.clone()),
+        ("engram.injector".to_string(), delta.meta.injector.clone()),
+        ("engram.injector_version".to_string(), delta.meta.injector_version.clone()),
+        ("engram.content_hash".to_string(), delta.content_hash()),
+    ]);
     std::fs::write(dir.join(WEIGHTS_FILE), write_tensors(&tensors, meta)?)?;
     Ok(())
 }
@@ -83,7 +89,7 @@ pub fn import(dir: &Path, base_model: &str) -> Result<Delta> {
         return Err(Error::Invalid("fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to Llama".into()));
     }
     let bytes = std::fs::read(dir.join(WEIGHTS_FILE))?;
-    let (_, tensors) = read_tensors(&bytes)?;
+    let (header, tensors) = read_tensors(&bytes)?;
     let mut adapters = assemble(tensors, |name| {
         let (layer, rest) = name.strip_prefix(PREFIX)?.split_once('.')?;
         let (module, which) = rest.strip_suffix(".weight")?.rsplit_once('.')?;
@@ -104,8 +110,7 @@ pub fn import(dir: &Path, base_model: &str) -> Result<Delta> {
             f.b.iter_mut().for_each(|v| *v *= k);
         }
     }
-    let engram = &cfg["engram"];
-    let text = |k: &str, default: &str| engram[k].as_str().unwrap_or(default).to_string();
+    let text = |k: &str, default: &str| header.get(&format!("engram.{k}")).cloned().unwrap_or_else(|| default.into());
     Ok(Delta {
         meta: Meta {
             base_model: base_model.to_string(),

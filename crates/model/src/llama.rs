@@ -35,6 +35,9 @@ pub struct ForwardOptions<'a> {
     pub kernels: Kernels,
     /// Return the residual stream entering every layer, plus the final residual (before the last norm).
     pub capture_residuals: bool,
+    /// Return the input of every layer's `down_proj` (the MLP's hidden activation, the "keys" of the MLP seen as
+    /// a key-value memory).
+    pub capture_mlp_hidden: bool,
     /// Logits for the last position only (prefill and decoding) instead of every position.
     pub last_only: bool,
 }
@@ -52,6 +55,8 @@ pub struct ForwardOutput {
     /// `num_hidden_layers + 1` tensors of `batch x seq x hidden` when captured: the input of each layer, then the
     /// final residual.
     pub residuals: Vec<Tensor>,
+    /// `num_hidden_layers` tensors of `batch x seq x intermediate` when captured.
+    pub mlp_hidden: Vec<Tensor>,
 }
 
 /// Keys and values of every layer for incremental decoding.
@@ -253,12 +258,14 @@ impl Llama {
         };
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         let mut residuals = Vec::new();
+        let mut mlp_hidden = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             if opts.capture_residuals {
                 residuals.push(x.clone());
             }
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.layer(i, layer, &x, &rope, mask.as_ref(), kv, opts)?;
+            let hidden = opts.capture_mlp_hidden.then_some(&mut mlp_hidden);
+            x = self.layer(i, layer, &x, &rope, mask.as_ref(), kv, opts, hidden)?;
         }
         if opts.capture_residuals {
             residuals.push(x.clone());
@@ -267,7 +274,7 @@ impl Llama {
         let x = self.rms_norm(&x, &self.norm, opts.kernels)?;
         let logits = self.lm_head.forward(&x)?;
         let logits = if opts.last_only { logits.squeeze(1)? } else { logits };
-        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, residuals })
+        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, residuals, mlp_hidden })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -280,6 +287,7 @@ impl Llama {
         mask: Option<&Tensor>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         opts: &ForwardOptions,
+        capture_hidden: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
@@ -323,7 +331,11 @@ impl Llama {
         let hx = self.rms_norm(&x, &l.mlp_norm, opts.kernels)?;
         let g = candle_nn::ops::silu(&lin(Module::Gate, &l.gate, &hx)?)?;
         let u = lin(Module::Up, &l.up, &hx)?;
-        let y = lin(Module::Down, &l.down, &(g * u)?)?;
+        let hidden = (g * u)?;
+        if let Some(c) = capture_hidden {
+            c.push(hidden.clone());
+        }
+        let y = lin(Module::Down, &l.down, &hidden)?;
         Ok((x + y)?)
     }
 

@@ -6,6 +6,7 @@
 //! (weights, optimizer moments, step, log) are written atomically so a stopped run resumes where it was.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod tokenizer;
@@ -179,6 +180,7 @@ pub fn train_until(
     let parameters: usize = vars.values().map(|v| v.elem_count()).sum();
 
     let ckpt = out.join(CHECKPOINT);
+    checkpoint::recover_dir(&ckpt)?;
     let (mut step, mut elapsed_before, mut tokens) = (0u64, 0.0f64, 0u64);
     if ckpt.join("state.json").is_file() {
         if !resume {
@@ -318,22 +320,16 @@ pub fn train_until(
 }
 
 fn save_checkpoint(model: &Llama, opt: &optim::AdamW, dir: &Path, state: &CheckpointState) -> Result<()> {
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    model.save(&tmp)?;
-    opt.save(&tmp.join("optimizer.safetensors"))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
-    let old = dir.with_extension("old");
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    checkpoint::replace_dir(dir, |tmp| {
+        model.save(tmp)?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+        Ok(())
+    })
 }
 
-fn progress_bar(total: u64, at: u64) -> indicatif::ProgressBar {
+/// A progress bar on a terminal, nothing otherwise (logs keep their own lines).
+pub fn progress_bar(total: u64, at: u64) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }

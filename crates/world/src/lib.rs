@@ -294,12 +294,18 @@ impl World {
         parts.join(" ")
     }
 
+    /// `n` distractor sentences (facts about no one), e.g. the haystack of a needle test.
+    pub fn distractors(&self, rng: &mut Rng, n: usize) -> String {
+        (0..n).map(|_| self.distractor(rng)).collect::<Vec<_>>().join(" ")
+    }
+
     fn distractor(&self, rng: &mut Rng) -> String {
         let a = rng.below(5);
         text::fill(text::DISTRACTOR[a], "", rng.pick(&self.values[a]).as_str())
     }
 
-    fn question_for(&self, rng: &mut Rng, person: &Person, phrasing: Phrasing) -> (Attribute, String, String) {
+    /// A random question about `person`: its attribute, the prompt `Q : ... A :` and the answer `value <eos>`.
+    pub fn question_for(&self, rng: &mut Rng, person: &Person, phrasing: Phrasing) -> (Attribute, String, String) {
         let attribute = *rng.pick(&Attribute::ALL);
         let p = match phrasing {
             Phrasing::Trained => *rng.pick(&TRAINED_PHRASINGS),

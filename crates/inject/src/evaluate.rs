@@ -1,0 +1,392 @@
+//! `engram eval inject` and `engram eval needle`: what an injected delta teaches, what it costs, and what it breaks.
+//!
+//! Every score is greedy exact match of the whole answer, closed book (no document in context) unless named
+//! `in_context`. Documents are about `fresh` people, which neither the base model nor the hypernetwork ever saw.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Tensor;
+use engram_eval::{score, suite_probes};
+use engram_model::{BaseModel, ForwardOptions, LoraSet, Positions};
+use engram_world::{Person, Phrasing, Probe, Rng, Split, World};
+use serde::Serialize;
+
+use crate::{DistillConfig, DistillInjector, HyperInjector, Injector};
+
+/// Peak resident memory of this process since the last [`reset_peak_rss`], in MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets the kernel's peak-RSS mark (`VmHWM`) to the current RSS, so the next phase measures its own peak.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn mean(hits: &[bool]) -> f64 {
+    hits.iter().filter(|&&h| h).count() as f64 / hits.len().max(1) as f64
+}
+
+/// One injector's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct InjectorReport {
+    pub closed_book_single: f64,
+    pub closed_book_multi: f64,
+    pub heldout_phrasing: f64,
+    /// Closed book / in context, on the same single-person items.
+    pub relative_single: f64,
+    pub relative_multi: f64,
+    pub relative_heldout: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub peak_rss_mb: f64,
+    pub by_attribute: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InjectReport {
+    pub seed: u64,
+    pub single_docs: usize,
+    pub multi_docs: usize,
+    pub distill_steps: usize,
+    pub no_context_single: f64,
+    pub in_context_single: f64,
+    pub in_context_multi: f64,
+    pub in_context_heldout: f64,
+    /// One forward of the base model over the same single-person documents.
+    pub prefill_ms_p50: f64,
+    pub hypernet: InjectorReport,
+    pub distill: InjectorReport,
+    pub latency_ratio_hypernet_to_prefill: f64,
+    /// Distillation steps and median milliseconds to reach the hypernetwork's closed-book accuracy on
+    /// `match_docs` single-person documents (`None` when no tried step count reached it).
+    pub match_docs: usize,
+    pub distill_steps_to_match: Option<usize>,
+    pub distill_ms_to_match: Option<f64>,
+    pub distill_match_curve: Vec<(usize, f64, f64)>,
+    /// Worst drop, in points, of `closed_book_known`, `icl_single` and `skills` with one hypernet delta applied
+    /// (worst over `canary_deltas` deltas).
+    pub canary_drop: f64,
+    pub canary_deltas: usize,
+    pub canary: std::collections::BTreeMap<String, f64>,
+    pub seconds: f64,
+}
+
+/// A document and the closed-book probes about it, plus the same probes with the document in context.
+struct Item {
+    doc: String,
+    closed: Vec<Probe>,
+    heldout: Vec<Probe>,
+}
+
+fn items(world: &World, rng: &mut Rng, n: usize, people: usize) -> Vec<Item> {
+    (0..n)
+        .map(|_| {
+            let ps: Vec<Person> = world.draw_people(rng, Split::Fresh, people);
+            let doc = world.document(rng, &ps, false);
+            let closed = ps.iter().map(|p| world.closed_book_probe_for(rng, p, Phrasing::Trained)).collect();
+            let heldout = ps.iter().map(|p| world.closed_book_probe_for(rng, p, Phrasing::Heldout)).collect();
+            Item { doc, closed, heldout }
+        })
+        .collect()
+}
+
+/// The same probes, asked with the document in context.
+fn in_context(item: &Item, probes: &[Probe]) -> Vec<Probe> {
+    probes
+        .iter()
+        .map(|p| Probe {
+            prompt: p.prompt.replacen("<bos>", &format!("<bos> {}", item.doc), 1),
+            answer: p.answer.clone(),
+            attribute: p.attribute,
+        })
+        .collect()
+}
+
+struct Run {
+    single: Vec<bool>,
+    single_attr: Vec<Option<engram_world::Attribute>>,
+    heldout: Vec<bool>,
+    multi: Vec<bool>,
+    ms: Vec<f64>,
+    peak: f64,
+}
+
+fn run_injector(
+    base: &BaseModel,
+    inj: &dyn Injector,
+    single: &[Item],
+    multi: &[Item],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Run> {
+    let (l, t) = (&base.llama, &base.tokenizer);
+    reset_peak_rss();
+    let mut r =
+        Run { single: vec![], single_attr: vec![], heldout: vec![], multi: vec![], ms: vec![], peak: 0.0 };
+    let total = single.len() + multi.len();
+    for (i, item) in single.iter().chain(multi).enumerate() {
+        let start = Instant::now();
+        let delta = inj.inject(&item.doc)?.delta;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let lora = LoraSet::from_delta(&delta, l.device())?;
+        if i < single.len() {
+            r.ms.push(ms);
+            r.single.extend(score(l, t, Some(&lora), &item.closed)?);
+            r.single_attr.extend(item.closed.iter().map(|p| p.attribute));
+            r.heldout.extend(score(l, t, Some(&lora), &item.heldout)?);
+        } else {
+            r.multi.extend(score(l, t, Some(&lora), &item.closed)?);
+        }
+        if (i + 1) % 10 == 0 || i + 1 == total {
+            progress(&format!("{} {}/{total}", inj.name(), i + 1));
+        }
+    }
+    r.peak = peak_rss_mb();
+    Ok(r)
+}
+
+fn report(r: &Run, ic_single: f64, ic_multi: f64, ic_heldout: f64) -> InjectorReport {
+    let mut by = std::collections::BTreeMap::new();
+    for a in engram_world::Attribute::ALL {
+        let h: Vec<bool> =
+            r.single.iter().zip(&r.single_attr).filter(|(_, x)| **x == Some(a)).map(|(&h, _)| h).collect();
+        by.insert(a.name().to_string(), mean(&h));
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    InjectorReport {
+        closed_book_single: mean(&r.single),
+        closed_book_multi: mean(&r.multi),
+        heldout_phrasing: mean(&r.heldout),
+        relative_single: ratio(mean(&r.single), ic_single),
+        relative_multi: ratio(mean(&r.multi), ic_multi),
+        relative_heldout: ratio(mean(&r.heldout), ic_heldout),
+        latency_ms_p50: percentile(&r.ms, 0.5),
+        latency_ms_p95: percentile(&r.ms, 0.95),
+        peak_rss_mb: r.peak,
+        by_attribute: by,
+    }
+}
+
+pub struct InjectEvalConfig {
+    pub seed: u64,
+    pub single_docs: usize,
+    pub multi_docs: usize,
+    pub distill: DistillConfig,
+    pub match_docs: usize,
+    pub match_steps: Vec<usize>,
+    pub canary_deltas: usize,
+    pub canary_items: usize,
+}
+
+pub fn evaluate_inject(
+    base: &BaseModel,
+    hyper: &HyperInjector,
+    cfg: &InjectEvalConfig,
+    mut progress: impl FnMut(&str),
+) -> Result<InjectReport> {
+    let start = Instant::now();
+    let world = World::new();
+    let (l, t) = (&base.llama, &base.tokenizer);
+    let mut rng = Rng::derive(cfg.seed, 0x1A7E);
+    let single = items(&world, &mut rng, cfg.single_docs, 1);
+    let multi = items(&world, &mut rng, cfg.multi_docs, 4);
+
+    let closed: Vec<Probe> = single.iter().flat_map(|i| i.closed.clone()).collect();
+    let no_context_single = mean(&score(l, t, None, &closed)?);
+    let ic = |items: &[Item], heldout: bool| -> Result<f64> {
+        let probes: Vec<Probe> =
+            items.iter().flat_map(|i| in_context(i, if heldout { &i.heldout } else { &i.closed })).collect();
+        Ok(mean(&score(l, t, None, &probes)?))
+    };
+    let (in_context_single, in_context_multi, in_context_heldout) = (ic(&single, false)?, ic(&multi, false)?, ic(&single, true)?);
+    progress("baselines done");
+
+    let mut prefill = Vec::new();
+    for item in &single {
+        let ids = Tensor::new(base.encode(&format!("<bos> {}", item.doc))?.as_slice(), l.device())?.unsqueeze(0)?;
+        let s = Instant::now();
+        l.forward(&ids, &Positions::From(0), &ForwardOptions::inference())?;
+        prefill.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    let prefill_ms_p50 = percentile(&prefill, 0.5);
+
+    // A warm-up injection so one-time allocation is not charged to the first document.
+    hyper.inject(&single[0].doc)?;
+    let h = run_injector(base, hyper, &single, &multi, &mut progress)?;
+    let distiller = DistillInjector::new(base, cfg.distill.clone());
+    let d = run_injector(base, &distiller, &single, &multi, &mut progress)?;
+    let hypernet = report(&h, in_context_single, in_context_multi, in_context_heldout);
+    let distill = report(&d, in_context_single, in_context_multi, in_context_heldout);
+
+    // How many distillation steps match the hypernetwork, on the first `match_docs` documents.
+    let subset = &single[..cfg.match_docs.min(single.len())];
+    let target = mean(&h.single[..subset.iter().map(|i| i.closed.len()).sum()]);
+    let mut curve = Vec::new();
+    let mut matched = None;
+    for &steps in &cfg.match_steps {
+        let inj = DistillInjector::new(base, DistillConfig { steps, ..cfg.distill.clone() });
+        let (mut hits, mut ms) = (Vec::new(), Vec::new());
+        for item in subset {
+            let s = Instant::now();
+            let delta = inj.inject(&item.doc)?.delta;
+            ms.push(s.elapsed().as_secs_f64() * 1e3);
+            hits.extend(score(l, t, Some(&LoraSet::from_delta(&delta, l.device())?), &item.closed)?);
+        }
+        let acc = mean(&hits);
+        let p50 = percentile(&ms, 0.5);
+        curve.push((steps, acc, p50));
+        progress(&format!("distill {steps} steps: {acc:.3} in {p50:.0} ms (hypernet {target:.3})"));
+        if acc >= target {
+            matched = Some((steps, p50));
+            break;
+        }
+    }
+
+    // Canaries: the base model's other abilities with one hypernet delta applied.
+    let mut canary = std::collections::BTreeMap::new();
+    let mut canary_drop: f64 = 0.0;
+    let suites = [("closed_book_known", 3), ("icl_single", 0), ("skills", 5)];
+    for (name, idx) in suites {
+        let probes = suite_probes(&world, cfg.seed, idx, cfg.canary_items);
+        let before = mean(&score(l, t, None, &probes)?);
+        canary.insert(format!("{name}_base"), before);
+        for (k, item) in single.iter().take(cfg.canary_deltas).enumerate() {
+            let lora = LoraSet::from_delta(&hyper.inject(&item.doc)?.delta, l.device())?;
+            let after = mean(&score(l, t, Some(&lora), &probes)?);
+            canary.insert(format!("{name}_with_delta_{k}"), after);
+            canary_drop = canary_drop.max((before - after) * 100.0);
+        }
+    }
+    progress("canaries done");
+
+    Ok(InjectReport {
+        seed: cfg.seed,
+        single_docs: single.len(),
+        multi_docs: multi.len(),
+        distill_steps: cfg.distill.steps,
+        no_context_single,
+        in_context_single,
+        in_context_multi,
+        in_context_heldout,
+        prefill_ms_p50,
+        latency_ratio_hypernet_to_prefill: hypernet.latency_ms_p50 / prefill_ms_p50,
+        hypernet,
+        distill,
+        match_docs: subset.len(),
+        distill_steps_to_match: matched.map(|m| m.0),
+        distill_ms_to_match: matched.map(|m| m.1),
+        distill_match_curve: curve,
+        canary_drop,
+        canary_deltas: cfg.canary_deltas,
+        canary,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NeedleLength {
+    /// Document length as a multiple of the model's context window.
+    pub windows: usize,
+    pub tokens_mean: f64,
+    pub chunks_mean: f64,
+    pub closed_book: f64,
+    pub latency_ms_p50: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NeedleReport {
+    pub seed: u64,
+    pub items: usize,
+    pub context_window: usize,
+    pub lengths: Vec<NeedleLength>,
+    /// Peak RSS while injecting one document of 1x and of 16x the window (chunks are encoded one at a time).
+    pub peak_rss_mb_1x: f64,
+    pub peak_rss_mb_16x: f64,
+    pub peak_rss_ratio_16x_to_1x: f64,
+}
+
+/// A distractor document of about `tokens` tokens with one person's biography at a random sentence position.
+fn needle_document(world: &World, base: &BaseModel, rng: &mut Rng, who: &Person, tokens: usize) -> Result<String> {
+    let bio = world.document(rng, std::slice::from_ref(who), false);
+    let bio = bio.trim_start_matches("<doc>").trim_end_matches("</doc>").trim().to_string();
+    let mut sentences: Vec<String> = Vec::new();
+    let mut len = base.encode(&bio)?.len() + 2;
+    while len < tokens {
+        let s = world.distractors(rng, 1);
+        len += base.encode(&s)?.len();
+        sentences.push(s);
+    }
+    let at = rng.below(sentences.len() + 1);
+    sentences.insert(at, bio);
+    Ok(format!("<doc> {} </doc>", sentences.join(" ")))
+}
+
+pub fn evaluate_needle(
+    base: &BaseModel,
+    hyper: &HyperInjector,
+    seed: u64,
+    items: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<NeedleReport> {
+    let world = World::new();
+    let (l, t) = (&base.llama, &base.tokenizer);
+    let window = l.config().max_position_embeddings;
+    let mut rng = Rng::derive(seed, 0x4EED);
+    let mut lengths = Vec::new();
+    for windows in [1usize, 2, 4] {
+        let (mut hits, mut ms, mut toks, mut chunks) = (Vec::new(), Vec::new(), 0usize, 0usize);
+        for i in 0..items {
+            let who = world.draw_people(&mut rng, Split::Fresh, 1).remove(0);
+            let doc = needle_document(&world, base, &mut rng, &who, windows * window)?;
+            toks += base.encode(&doc)?.len();
+            chunks += hyper.chunks(&doc)?.len();
+            let s = Instant::now();
+            let delta = hyper.inject(&doc)?.delta;
+            ms.push(s.elapsed().as_secs_f64() * 1e3);
+            let probe = world.closed_book_probe_for(&mut rng, &who, Phrasing::Trained);
+            hits.extend(score(l, t, Some(&LoraSet::from_delta(&delta, l.device())?), &[probe])?);
+            if (i + 1) % 10 == 0 {
+                progress(&format!("{windows}x window: {}/{items}", i + 1));
+            }
+        }
+        lengths.push(NeedleLength {
+            windows,
+            tokens_mean: toks as f64 / items as f64,
+            chunks_mean: chunks as f64 / items as f64,
+            closed_book: mean(&hits),
+            latency_ms_p50: percentile(&ms, 0.5),
+        });
+    }
+    let who = world.draw_people(&mut rng, Split::Fresh, 1).remove(0);
+    let mut peak = |n: usize| -> Result<f64> {
+        let doc = needle_document(&world, base, &mut rng, &who, n * window)?;
+        reset_peak_rss();
+        hyper.inject(&doc)?;
+        Ok(peak_rss_mb())
+    };
+    let (p1, p16) = (peak(1)?, peak(16)?);
+    Ok(NeedleReport {
+        seed,
+        items,
+        context_window: window,
+        lengths,
+        peak_rss_mb_1x: p1,
+        peak_rss_mb_16x: p16,
+        peak_rss_ratio_16x_to_1x: p16 / p1,
+    })
+}

@@ -1,0 +1,109 @@
+//! The hypernetwork on a base model trained in seconds: chunking, a zero delta before training, gradients into
+//! every weight, meta-training with checkpoint and resume, and injection through the saved network.
+
+use std::collections::HashMap;
+
+use candle_core::Device;
+use engram_inject::hyper::{chunk_document, Specials};
+use engram_inject::meta::step_loss;
+use engram_inject::{train_hypernet, HyperInjector, HyperNet, Injector, MetaConfig};
+use engram_model::BaseModel;
+use engram_trainer::optim::AdamW;
+use engram_trainer::{AdamWConfig, TrainConfig};
+use engram_world::{Rng, World};
+
+fn tiny_base(dir: &std::path::Path) -> BaseModel {
+    engram_trainer::train(&TrainConfig::tiny(5, 20), dir, false).unwrap();
+    BaseModel::load(dir, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn hypernetwork_chunks_trains_resumes_and_injects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_base(&tmp.path().join("base"));
+    let world = World::new();
+    let sp = Specials::of(&base).unwrap();
+
+    // Chunks: sentence-aligned, within the limit, every body token kept in order.
+    let people = world.draw_people(&mut Rng::new(1), engram_world::Split::Fresh, 8);
+    let doc = world.document(&mut Rng::new(2), &people, true);
+    let ids = base.encode(&doc).unwrap();
+    let chunks = chunk_document(&ids, 40, &sp);
+    assert!(chunks.len() >= 4, "{} chunks", chunks.len());
+    let mut body = Vec::new();
+    for c in &chunks {
+        assert!(c.len() <= 40);
+        assert_eq!((c[0], c[1], *c.last().unwrap()), (sp.bos, sp.doc, sp.end_doc));
+        assert_eq!(c[c.len() - 2], sp.period, "chunks end at a sentence end");
+        body.extend_from_slice(&c[2..c.len() - 1]);
+    }
+    let expected: Vec<u32> = ids.iter().copied().filter(|&t| t != sp.doc && t != sp.end_doc).collect();
+    assert_eq!(body, expected);
+
+    // Gradients reach every weight once B's scaler has moved off zero (at step 0 only it can move).
+    let cfg = MetaConfig::tiny(&base, 7, 10);
+    let (net, _) = HyperNet::init_trainable(&cfg.hyper, &base.llama, &Device::Cpu).unwrap();
+    let untrained = HyperInjector::from_net(net, &base).unwrap();
+    let zero = untrained.inject(&doc).unwrap().delta;
+    assert!(zero.adapters.values().all(|f| f.b.iter().all(|&x| x == 0.0)), "an untrained hypernet writes nothing");
+    let (net, varmap) = HyperNet::init_trainable(&cfg.hyper, &base.llama, &Device::Cpu).unwrap();
+    let vars: HashMap<String, candle_core::Var> = varmap.data().lock().unwrap().clone();
+    let mut opt = AdamW::new(&vars, AdamWConfig::default()).unwrap();
+    for step in 0..3 {
+        let loss = step_loss(&net, &base, &world, &cfg, step).unwrap().loss;
+        let grads = loss.backward().unwrap();
+        if step == 2 {
+            for (name, var) in &vars {
+                let g = grads.get(var).unwrap_or_else(|| panic!("{name} has no gradient"));
+                let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(n > 0.0, "{name} has a zero gradient");
+            }
+        }
+        opt.update(&grads, 1e-2).unwrap();
+    }
+
+    // Meta-training stops with a checkpoint, refuses to restart over it, and resumes to the end.
+    let out = tmp.path().join("hypernet");
+    assert!(train_hypernet(&base, &cfg, &out, false, Some(4)).unwrap().is_none());
+    assert!(train_hypernet(&base, &cfg, &out, false, None).is_err(), "a checkpoint is never silently overwritten");
+    let summary = train_hypernet(&base, &cfg, &out, true, None).unwrap().unwrap();
+    assert_eq!(summary.steps, 10);
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert!(log.lines().any(|l| l.contains("\"eval\"")), "the log records evaluations");
+    for f in ["hypernet.json", "hypernet.safetensors", "MODEL_CARD.md", "training.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // The saved network injects: one rank-r block per chunk, a delta that validates against the base model.
+    let inj = HyperInjector::load(&out, &base).unwrap();
+    let n_chunks = inj.chunks(&doc).unwrap().len();
+    let got = inj.inject(&doc).unwrap();
+    let f = got.delta.adapters.values().next().unwrap();
+    assert_eq!(f.rank, n_chunks * cfg.hyper.rank);
+    assert!(f.b.iter().any(|&x| x != 0.0));
+    let shape = |m: &str| engram_model::Module::from_path(m).map(|m| m.dims(base.llama.config()));
+    got.delta.validate(&base.hash, base.llama.config().num_hidden_layers, shape, 64 * 8, 1e4).unwrap();
+    assert_eq!(inj.inject(&doc).unwrap().delta.content_hash(), got.delta.content_hash(), "deterministic");
+
+    // The evaluations run end to end (their numbers on a 20-step model mean nothing; the shipped models' do).
+    let ecfg = engram_inject::evaluate::InjectEvalConfig {
+        seed: 3,
+        single_docs: 3,
+        multi_docs: 1,
+        distill: engram_inject::DistillConfig { steps: 2, ..Default::default() },
+        match_docs: 2,
+        match_steps: vec![1, 2],
+        canary_deltas: 1,
+        canary_items: 4,
+    };
+    let r = engram_inject::evaluate::evaluate_inject(&base, &inj, &ecfg, |_| {}).unwrap();
+    for x in [r.hypernet.closed_book_single, r.distill.closed_book_multi, r.in_context_single, r.no_context_single] {
+        assert!((0.0..=1.0).contains(&x), "{r:?}");
+    }
+    assert!(r.prefill_ms_p50 > 0.0 && r.hypernet.latency_ms_p50 > 0.0 && r.distill.latency_ms_p95 > 0.0);
+    assert!(!r.distill_match_curve.is_empty());
+    let n = engram_inject::evaluate::evaluate_needle(&base, &inj, 3, 1, |_| {}).unwrap();
+    assert_eq!(n.lengths.iter().map(|l| l.windows).collect::<Vec<_>>(), [1, 2, 4]);
+    assert!(n.lengths[2].chunks_mean > n.lengths[0].chunks_mean, "{n:?}");
+    assert!(n.peak_rss_mb_16x > 0.0);
+}
