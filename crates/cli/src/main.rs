@@ -194,8 +194,12 @@ enum EvalCommand {
         #[arg(long, default_value_t = engram_inject::DistillConfig::default().steps)]
         distill_steps: usize,
         /// Documents on which distillation step counts are tried until they match the hypernetwork.
-        #[arg(long, default_value_t = 40)]
+        #[arg(long, default_value_t = 20)]
         match_items: usize,
+        /// Run distillation on only this many one-person documents (and a quarter as many four-person ones):
+        /// it takes seconds per document on a CPU. Default: all.
+        #[arg(long)]
+        distill_items: Option<usize>,
     },
     /// One fact hidden at a random place in a distractor document of 1x, 2x and 4x the context window: closed-book
     /// accuracy after hypernetwork injection (documents are chunked), and peak memory at 1x vs 16x.
@@ -324,18 +328,27 @@ fn main() -> Result<()> {
         Command::Inject { doc, out, model, hyper, injector, steps, peft } => {
             inject(&doc, &out, &model, &hyper.hypernet, injector, steps, peft)
         }
-        Command::Eval(EvalCommand::Inject { args, hyper, items, multi_items, distill_steps, match_items }) => {
+        Command::Eval(EvalCommand::Inject {
+            args,
+            hyper,
+            items,
+            multi_items,
+            distill_steps,
+            match_items,
+            distill_items,
+        }) => {
             let base = load(&args.model)?;
             let inj = engram_inject::HyperInjector::load(&hyper.hypernet, &base)?;
             let cfg = engram_inject::evaluate::InjectEvalConfig {
                 seed: args.seed,
                 single_docs: items,
                 multi_docs: multi_items,
+                distill_docs: distill_items,
                 distill: engram_inject::DistillConfig { steps: distill_steps, ..Default::default() },
                 match_docs: match_items,
-                match_steps: vec![5, 10, 20, 40, 80, 160],
+                match_steps: vec![5, 20, 80, 160],
                 canary_deltas: 3,
-                canary_items: 100,
+                canary_items: 200,
             };
             let r = engram_inject::evaluate::evaluate_inject(&base, &inj, &cfg, |m| eprintln!("{m}"))?;
             if args.json {

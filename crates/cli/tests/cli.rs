@@ -77,7 +77,20 @@ fn train_eval_and_bench_a_tiny_model() {
         .unwrap();
     let adapter = dir.path().join("adapter");
     let (doc_s, adapter_s) = (doc.to_str().unwrap(), adapter.to_str().unwrap());
-    let o = engram(&["inject", "--doc", doc_s, "--out", adapter_s, "--model", out_s, "--steps", "3", "--peft"]);
+    let o = engram(&[
+        "inject",
+        "--doc",
+        doc_s,
+        "--out",
+        adapter_s,
+        "--model",
+        out_s,
+        "--injector",
+        "distill",
+        "--steps",
+        "3",
+        "--peft",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("content hash"), "{}", stdout(&o));
     let q = "where does Fenkin Drerusley work ?";
@@ -91,8 +104,12 @@ fn train_eval_and_bench_a_tiny_model() {
     let o = engram(&["ask", "--model", out_s, "where does Zzyzx work ?"]);
     assert!(!o.status.success() && stderr(&o).contains("outside the model's vocabulary"), "{}", stderr(&o));
     std::fs::write(&doc, "nobody is named here").unwrap();
-    let o = engram(&["inject", "--doc", doc_s, "--out", adapter_s, "--model", out_s]);
+    let o = engram(&["inject", "--doc", doc_s, "--out", adapter_s, "--model", out_s, "--injector", "distill"]);
     assert!(!o.status.success() && stderr(&o).contains("names nobody"), "{}", stderr(&o));
+    // The shipped hypernetwork was trained for the shipped base model, not this one.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/hypernet");
+    let o = engram(&["inject", "--doc", doc_s, "--out", adapter_s, "--model", out_s, "--hypernet", shipped]);
+    assert!(!o.status.success() && stderr(&o).contains("was trained for base model"), "{}", stderr(&o));
     let o = engram(&["ask", "--model", out_s, "--adapter", doc_s, q]);
     assert!(!o.status.success(), "a file is not an adapter directory");
 }

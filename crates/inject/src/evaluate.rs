@@ -63,6 +63,10 @@ pub struct InjectReport {
     pub seed: u64,
     pub single_docs: usize,
     pub multi_docs: usize,
+    /// Distillation runs on the first `distill_single_docs` / `distill_multi_docs` of the same documents (it
+    /// costs seconds per document on CPU); its ratios use in-context scores on that subset.
+    pub distill_single_docs: usize,
+    pub distill_multi_docs: usize,
     pub distill_steps: usize,
     pub no_context_single: f64,
     pub in_context_single: f64,
@@ -76,6 +80,8 @@ pub struct InjectReport {
     /// Distillation steps and median milliseconds to reach the hypernetwork's closed-book accuracy on
     /// `match_docs` single-person documents (`None` when no tried step count reached it).
     pub match_docs: usize,
+    /// The hypernetwork's accuracy on the match documents' questions (every trained phrasing, all attributes).
+    pub match_target: f64,
     pub distill_steps_to_match: Option<usize>,
     pub distill_ms_to_match: Option<f64>,
     pub distill_match_curve: Vec<(usize, f64, f64)>,
@@ -136,8 +142,7 @@ fn run_injector(
 ) -> Result<Run> {
     let (l, t) = (&base.llama, &base.tokenizer);
     reset_peak_rss();
-    let mut r =
-        Run { single: vec![], single_attr: vec![], heldout: vec![], multi: vec![], ms: vec![], peak: 0.0 };
+    let mut r = Run { single: vec![], single_attr: vec![], heldout: vec![], multi: vec![], ms: vec![], peak: 0.0 };
     let total = single.len() + multi.len();
     for (i, item) in single.iter().chain(multi).enumerate() {
         let start = Instant::now();
@@ -186,6 +191,8 @@ pub struct InjectEvalConfig {
     pub seed: u64,
     pub single_docs: usize,
     pub multi_docs: usize,
+    /// Documents distillation runs on (a prefix of the single and four-person sets; `None` = all).
+    pub distill_docs: Option<usize>,
     pub distill: DistillConfig,
     pub match_docs: usize,
     pub match_steps: Vec<usize>,
@@ -213,7 +220,8 @@ pub fn evaluate_inject(
             items.iter().flat_map(|i| in_context(i, if heldout { &i.heldout } else { &i.closed })).collect();
         Ok(mean(&score(l, t, None, &probes)?))
     };
-    let (in_context_single, in_context_multi, in_context_heldout) = (ic(&single, false)?, ic(&multi, false)?, ic(&single, true)?);
+    let (in_context_single, in_context_multi, in_context_heldout) =
+        (ic(&single, false)?, ic(&multi, false)?, ic(&single, true)?);
     progress("baselines done");
 
     let mut prefill = Vec::new();
@@ -229,26 +237,48 @@ pub fn evaluate_inject(
     hyper.inject(&single[0].doc)?;
     let h = run_injector(base, hyper, &single, &multi, &mut progress)?;
     let distiller = DistillInjector::new(base, cfg.distill.clone());
-    let d = run_injector(base, &distiller, &single, &multi, &mut progress)?;
+    let n_single = cfg.distill_docs.unwrap_or(single.len()).min(single.len());
+    let n_multi = cfg.distill_docs.map_or(multi.len(), |n| n.div_ceil(4)).min(multi.len());
+    let (d_single, d_multi) = (&single[..n_single], &multi[..n_multi]);
+    let d = run_injector(base, &distiller, d_single, d_multi, &mut progress)?;
     let hypernet = report(&h, in_context_single, in_context_multi, in_context_heldout);
-    let distill = report(&d, in_context_single, in_context_multi, in_context_heldout);
+    let distill = if n_single == single.len() && n_multi == multi.len() {
+        report(&d, in_context_single, in_context_multi, in_context_heldout)
+    } else {
+        report(&d, ic(d_single, false)?, ic(d_multi, false)?, ic(d_single, true)?)
+    };
 
-    // How many distillation steps match the hypernetwork, on the first `match_docs` documents.
+    // How many distillation steps match the hypernetwork, on the first `match_docs` documents, asking every
+    // trained-phrasing question about each one's person (ten per document, so every attribute counts).
     let subset = &single[..cfg.match_docs.min(single.len())];
-    let target = mean(&h.single[..subset.iter().map(|i| i.closed.len()).sum()]);
-    let mut curve = Vec::new();
-    let mut matched = None;
-    for &steps in &cfg.match_steps {
-        let inj = DistillInjector::new(base, DistillConfig { steps, ..cfg.distill.clone() });
+    let all_questions = |item: &Item| -> Vec<Probe> {
+        let who = world.names_in(&item.doc);
+        let person = world.fresh().iter().find(|p| who.contains(&p.name())).expect("a fresh person");
+        world
+            .questions_about(&person.name())
+            .into_iter()
+            .map(|(a, q)| Probe {
+                prompt: format!("<bos> {q}"),
+                answer: format!("{} <eos>", person.value(a)),
+                attribute: Some(a),
+            })
+            .collect()
+    };
+    let accuracy = |inj: &dyn Injector| -> Result<(f64, f64)> {
         let (mut hits, mut ms) = (Vec::new(), Vec::new());
         for item in subset {
             let s = Instant::now();
             let delta = inj.inject(&item.doc)?.delta;
             ms.push(s.elapsed().as_secs_f64() * 1e3);
-            hits.extend(score(l, t, Some(&LoraSet::from_delta(&delta, l.device())?), &item.closed)?);
+            hits.extend(score(l, t, Some(&LoraSet::from_delta(&delta, l.device())?), &all_questions(item))?);
         }
-        let acc = mean(&hits);
-        let p50 = percentile(&ms, 0.5);
+        Ok((mean(&hits), percentile(&ms, 0.5)))
+    };
+    let mut curve = Vec::new();
+    let mut matched = None;
+    let target = if subset.is_empty() { f64::NAN } else { accuracy(hyper)?.0 };
+    for &steps in cfg.match_steps.iter().filter(|_| !subset.is_empty()) {
+        let (acc, p50) = accuracy(&DistillInjector::new(base, DistillConfig { steps, ..cfg.distill.clone() }))?;
         curve.push((steps, acc, p50));
         progress(&format!("distill {steps} steps: {acc:.3} in {p50:.0} ms (hypernet {target:.3})"));
         if acc >= target {
@@ -278,6 +308,8 @@ pub fn evaluate_inject(
         seed: cfg.seed,
         single_docs: single.len(),
         multi_docs: multi.len(),
+        distill_single_docs: n_single,
+        distill_multi_docs: n_multi,
         distill_steps: cfg.distill.steps,
         no_context_single,
         in_context_single,
@@ -288,6 +320,7 @@ pub fn evaluate_inject(
         hypernet,
         distill,
         match_docs: subset.len(),
+        match_target: target,
         distill_steps_to_match: matched.map(|m| m.0),
         distill_ms_to_match: matched.map(|m| m.1),
         distill_match_curve: curve,

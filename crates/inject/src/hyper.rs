@@ -339,7 +339,8 @@ fn short(hash: &str) -> &str {
 
 /// Loads a safetensors file into memory (no mmap: the crate forbids unsafe code).
 fn load_weights(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
-    let tensors = candle_core::safetensors::load(path, device).with_context(|| format!("reading {}", path.display()))?;
+    let tensors =
+        candle_core::safetensors::load(path, device).with_context(|| format!("reading {}", path.display()))?;
     Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 
@@ -459,7 +460,11 @@ impl<'m> HyperInjector<'m> {
     /// The chunks a document is cut into.
     pub fn chunks(&self, document: &str) -> Result<Vec<Vec<u32>>> {
         let ids = self.model.encode(document)?;
-        Ok(chunk_document(&ids, self.net.cfg.chunk_tokens.min(self.model.llama.config().max_position_embeddings), &self.specials))
+        Ok(chunk_document(
+            &ids,
+            self.net.cfg.chunk_tokens.min(self.model.llama.config().max_position_embeddings),
+            &self.specials,
+        ))
     }
 }
 
@@ -475,11 +480,17 @@ impl Injector for HyperInjector<'_> {
         // Per target: A rows and B columns (stored as B^T rows), appended chunk by chunk.
         let mut acc: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); cfg.targets().len()];
         let mut rank = 0;
+        let profile = std::env::var_os("ENGRAM_PROFILE").is_some();
         for chunk in self.chunks(document)? {
+            let t0 = Instant::now();
             let ids = Tensor::new(chunk.as_slice(), dev)?.unsqueeze(0)?;
             let reading = capture(&self.model.llama, &ids)?;
+            let t1 = Instant::now();
             let mask = Tensor::ones((1, chunk.len()), DType::F32, dev)?;
             let g = self.net.forward(&reading, &mask)?;
+            if profile {
+                eprintln!("chunk of {} tokens: capture {:?} hypernet {:?}", chunk.len(), t1 - t0, t1.elapsed());
+            }
             for ((_, a, b), (acc_a, acc_bt)) in g.factors.iter().zip(acc.iter_mut()) {
                 acc_a.extend(a.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?);
                 acc_bt.extend(b.squeeze(0)?.t()?.flatten_all()?.to_vec1::<f32>()?);

@@ -68,9 +68,13 @@ impl MetaConfig {
             keep_known: 1,
             negatives: 1,
             negatives_from: 0.3,
+            // The teacher is confidently wrong where the base model cannot read in context (every year question gets
+            // the same wrong year): with equal weights the optimum ties truth and teacher and years were never
+            // learned (0.00 after 800 steps); at 0.3 they reached 1.00 by step 750.
             answer_weight: 1.0,
-            distill_weight: 1.0,
-            keep_weight: 1.0,
+            distill_weight: 0.3,
+            // Keep-KL at 2 held known recall at 0.985 with the delta applied (0.91-0.98 at 1).
+            keep_weight: 2.0,
             l1: 1e-3,
             split_prob: 0.2,
             distractor_chunk_prob: 0.2,
@@ -157,12 +161,14 @@ fn sample_step(
         let mut chunks = chunk_document(&ids, cfg.hyper.chunk_tokens, sp);
         if chunks.len() == 1 && rng.chance(cfg.split_prob) {
             let body = &chunks[0][2..chunks[0].len() - 1];
-            let ends: Vec<usize> = body.iter().enumerate().filter(|(_, &t)| t == sp.period).map(|(j, _)| j + 1).collect();
+            let ends: Vec<usize> =
+                body.iter().enumerate().filter(|(_, &t)| t == sp.period).map(|(j, _)| j + 1).collect();
             if ends.len() >= 2 {
                 let cut = ends[rng.below(ends.len() - 1)];
                 let (a, b) = body.split_at(cut);
-                chunks = vec![chunk_document(a, cfg.hyper.chunk_tokens, sp), chunk_document(b, cfg.hyper.chunk_tokens, sp)]
-                    .concat();
+                chunks =
+                    vec![chunk_document(a, cfg.hyper.chunk_tokens, sp), chunk_document(b, cfg.hyper.chunk_tokens, sp)]
+                        .concat();
             }
         }
         if rng.chance(cfg.distractor_chunk_prob) {

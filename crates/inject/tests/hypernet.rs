@@ -90,6 +90,7 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
         seed: 3,
         single_docs: 3,
         multi_docs: 1,
+        distill_docs: Some(2),
         distill: engram_inject::DistillConfig { steps: 2, ..Default::default() },
         match_docs: 2,
         match_steps: vec![1, 2],

@@ -24,8 +24,8 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use init::Init;
 pub use llama::{ForwardOptions, ForwardOutput, Kernels, KvCache, Llama, Positions};
 pub use lora::{LoraAdapter, LoraSet, Module};
-pub use softmax::softmax_last_dim;
 use sha2::Digest;
+pub use softmax::softmax_last_dim;
 pub use tokenizers::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
