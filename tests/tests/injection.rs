@@ -19,13 +19,9 @@ fn distillation_teaches_the_shipped_model_a_fresh_person() {
         let doc = world.document(&mut rng, std::slice::from_ref(person), false);
         let delta = injector.inject(&doc).unwrap().delta;
         let lora = LoraSet::from_delta(&delta, base.llama.device()).unwrap();
-        for (a, q) in world.questions_about(&person.name()) {
-            let probe = Probe {
-                prompt: format!("<bos> {q}"),
-                answer: format!("{} <eos>", person.value(a)),
-                attribute: Some(a),
-            };
-            let with_doc = Probe { prompt: format!("<bos> {doc} {q}"), ..probe.clone() };
+        for probe in world.closed_book_probes_all(person) {
+            let with_doc =
+                Probe { prompt: probe.prompt.replacen("<bos>", &format!("<bos> {doc}"), 1), ..probe.clone() };
             let score = |p: &Probe, l: Option<&LoraSet>| {
                 engram_eval::score(&base.llama, &base.tokenizer, l, std::slice::from_ref(p)).unwrap()[0] as usize
             };
@@ -71,15 +67,7 @@ fn shipped_hypernetwork_reproduces_its_card_and_teaches_fresh_people() {
         let doc = world.document(&mut rng, std::slice::from_ref(person), false);
         let delta = injector.inject(&doc).unwrap().delta;
         let lora = LoraSet::from_delta(&delta, base.llama.device()).unwrap();
-        let mut probes: Vec<Probe> = world
-            .questions_about(&person.name())
-            .into_iter()
-            .map(|(a, q)| Probe {
-                prompt: format!("<bos> {q}"),
-                answer: format!("{} <eos>", person.value(a)),
-                attribute: Some(a),
-            })
-            .collect();
+        let mut probes: Vec<Probe> = world.closed_book_probes_all(person);
         total += probes.len();
         after += engram_eval::score(&base.llama, &base.tokenizer, Some(&lora), &probes)
             .unwrap()

@@ -254,15 +254,7 @@ pub fn evaluate_inject(
     let all_questions = |item: &Item| -> Vec<Probe> {
         let who = world.names_in(&item.doc);
         let person = world.fresh().iter().find(|p| who.contains(&p.name())).expect("a fresh person");
-        world
-            .questions_about(&person.name())
-            .into_iter()
-            .map(|(a, q)| Probe {
-                prompt: format!("<bos> {q}"),
-                answer: format!("{} <eos>", person.value(a)),
-                attribute: Some(a),
-            })
-            .collect()
+        world.closed_book_probes_all(person)
     };
     let accuracy = |inj: &dyn Injector| -> Result<(f64, f64)> {
         let (mut hits, mut ms) = (Vec::new(), Vec::new());

@@ -413,6 +413,18 @@ impl World {
         self.closed_book_probe_for(rng, &who, phrasing)
     }
 
+    /// Every trained-phrasing question about `who`, closed book (ten: five attributes x two phrasings).
+    pub fn closed_book_probes_all(&self, who: &Person) -> Vec<Probe> {
+        self.questions_about(&who.name())
+            .into_iter()
+            .map(|(a, q)| Probe {
+                prompt: format!("<bos> {q}"),
+                answer: format!("{} <eos>", who.value(a)),
+                attribute: Some(a),
+            })
+            .collect()
+    }
+
     pub fn closed_book_probe_for(&self, rng: &mut Rng, who: &Person, phrasing: Phrasing) -> Probe {
         let (attribute, q, answer) = self.question_for(rng, who, phrasing);
         Probe { prompt: format!("<bos> {q}"), answer, attribute: Some(attribute) }
