@@ -283,13 +283,17 @@ pub fn evaluate_inject(
     let mut canary = std::collections::BTreeMap::new();
     let mut canary_drop: f64 = 0.0;
     let suites = [("closed_book_known", 3), ("icl_single", 0), ("skills", 5)];
+    let deltas = single
+        .iter()
+        .take(cfg.canary_deltas)
+        .map(|item| Ok(LoraSet::from_delta(&hyper.inject(&item.doc)?.delta, l.device())?))
+        .collect::<Result<Vec<_>>>()?;
     for (name, idx) in suites {
         let probes = suite_probes(&world, cfg.seed, idx, cfg.canary_items);
         let before = mean(&score(l, t, None, &probes)?);
         canary.insert(format!("{name}_base"), before);
-        for (k, item) in single.iter().take(cfg.canary_deltas).enumerate() {
-            let lora = LoraSet::from_delta(&hyper.inject(&item.doc)?.delta, l.device())?;
-            let after = mean(&score(l, t, Some(&lora), &probes)?);
+        for (k, lora) in deltas.iter().enumerate() {
+            let after = mean(&score(l, t, Some(lora), &probes)?);
             canary.insert(format!("{name}_with_delta_{k}"), after);
             canary_drop = canary_drop.max((before - after) * 100.0);
         }

@@ -54,10 +54,9 @@ pub struct HyperConfig {
     pub chunk_tokens: usize,
     /// SHA-256 of the base model the hypernetwork reads and writes for.
     pub base_model: String,
-    /// Filled from the base model: layers, hidden size, vocabulary.
+    /// Filled from the base model: layers and hidden size.
     pub layers: usize,
     pub hidden: usize,
-    pub vocab: usize,
 }
 
 impl HyperConfig {
@@ -77,7 +76,6 @@ impl HyperConfig {
             base_model: base.hash.clone(),
             layers: c.num_hidden_layers,
             hidden: c.hidden_size,
-            vocab: c.vocab_size,
         }
     }
 

@@ -500,16 +500,8 @@ pub fn train_hypernet(
     let parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(&vars, cfg.adamw.clone())?;
     let ckpt = out.join(CHECKPOINT);
-    engram_trainer::checkpoint::recover_dir(&ckpt)?;
     let (mut step, mut elapsed_before) = (0u64, 0.0f64);
-    if ckpt.join("state.json").is_file() {
-        if !resume {
-            bail!("{} holds a checkpoint: pass --resume to continue it, or remove it to start over", ckpt.display());
-        }
-        let state: CheckpointState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
-        if serde_json::to_value(&state.config)? != serde_json::to_value(cfg)? {
-            bail!("the checkpoint in {} was made with a different meta-training config", ckpt.display());
-        }
+    if let Some(state) = engram_trainer::checkpoint::resume_state::<CheckpointState>(&ckpt, resume, cfg)? {
         let mut vm = varmap.clone();
         vm.load(ckpt.join(WEIGHTS_FILE))?;
         opt.load(&ckpt.join("optimizer.safetensors"), state.step)?;

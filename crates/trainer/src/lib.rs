@@ -15,7 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, D};
 use engram_eval::BaseReport;
 use engram_model::{ForwardOptions, Llama, LlamaConfig};
@@ -180,16 +180,8 @@ pub fn train_until(
     let parameters: usize = vars.values().map(|v| v.elem_count()).sum();
 
     let ckpt = out.join(CHECKPOINT);
-    checkpoint::recover_dir(&ckpt)?;
     let (mut step, mut elapsed_before, mut tokens) = (0u64, 0.0f64, 0u64);
-    if ckpt.join("state.json").is_file() {
-        if !resume {
-            bail!("{} holds a checkpoint: pass --resume to continue it, or remove it to start over", ckpt.display());
-        }
-        let state: CheckpointState = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
-        if serde_json::to_value(&state.config)? != serde_json::to_value(cfg)? {
-            bail!("the checkpoint in {} was made with a different training config", ckpt.display());
-        }
+    if let Some(state) = checkpoint::resume_state::<CheckpointState>(&ckpt, resume, cfg)? {
         let mut vm = varmap.clone();
         vm.load(ckpt.join(engram_model::WEIGHTS_FILE))?;
         opt.load(&ckpt.join("optimizer.safetensors"), state.step)?;
