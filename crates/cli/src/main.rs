@@ -224,6 +224,81 @@ enum EvalCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// N documents injected one after another, the state carried from each to the next as the service carries a
+    /// namespace's head. Every --eval-every documents: reliability (closed-book recall of every fact injected so
+    /// far), generalization (held-out phrasing), locality (known recall, reading, skills relative to the base
+    /// model; the minimum), weight drift, latency. Prints the curve; --json prints the report (the final row in
+    /// `last`).
+    Sequential {
+        #[command(flatten)]
+        args: ModelArgs,
+        #[command(flatten)]
+        hyper: HypernetArgs,
+        /// Documents to inject.
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        /// How each delta joins the chain: naive (add it), nullspace (project it off protected keys) or memit (one
+        /// least-squares solution meeting every accepted document's key-value requirements).
+        #[arg(long, default_value = "nullspace")]
+        strategy: String,
+        #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
+        injector: InjectorKind,
+        /// Distillation steps (with --injector distill).
+        #[arg(long, default_value_t = engram_inject::DistillConfig::default().steps)]
+        steps: usize,
+        /// Evaluate every this many documents (default: n / 10).
+        #[arg(long)]
+        eval_every: Option<usize>,
+        /// People per document.
+        #[arg(long, default_value_t = 1)]
+        people_per_doc: usize,
+        /// Probes per locality suite.
+        #[arg(long, default_value_t = 200)]
+        locality_items: usize,
+        /// Score every candidate on the capability gate's canaries and reject those that drop more than
+        /// --max-drop points on any.
+        #[arg(long)]
+        gate: bool,
+        #[arg(long, default_value_t = 2.0)]
+        max_drop: f64,
+        /// Null-space strategy: share of each accepted injection's key energy added to the protected basis.
+        #[arg(long, default_value_t = engram_compose::NullSpaceConfig::default().grow_energy)]
+        grow_energy: f64,
+        /// Null-space strategy: share of the protected keys' energy the initial basis holds.
+        #[arg(long, default_value_t = engram_compose::NullSpaceConfig::default().energy)]
+        energy: f64,
+        /// Memit strategy: weight of the protected keys (known facts, reading, skills).
+        #[arg(long, default_value_t = engram_compose::MemitConfig::default().lambda)]
+        lambda: f64,
+        /// Memit strategy: the candidate's outputs are required times this.
+        #[arg(long, default_value_t = engram_compose::MemitConfig::default().target_scale)]
+        target_scale: f64,
+        /// Memit strategy: ridge on the weight change, relative to the mean key energy per dimension.
+        #[arg(long, default_value_t = engram_compose::MemitConfig::default().mu)]
+        mu: f64,
+        /// Memit strategy: `locate` (search the residual change at the person's name that gives the candidate's
+        /// answers, MEMIT) or `reproduce` (require the candidate's own outputs on its questions' keys).
+        #[arg(long, default_value = "locate")]
+        mode: String,
+        /// Memit strategy, locate mode: the down_proj layers edited, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = engram_compose::MemitConfig::default().layers)]
+        edit_layers: Vec<usize>,
+        /// Memit strategy, locate mode: `last` (write each fact at its question's last token) or `subject`
+        /// (one change at the person's name).
+        #[arg(long, default_value = "last")]
+        site: String,
+        /// Memit strategy, locate mode: Adam steps of the residual search.
+        #[arg(long, default_value_t = engram_compose::MemitConfig::default().search_steps)]
+        search_steps: usize,
+        #[arg(long, default_value_t = engram_compose::MemitConfig::default().search_lr)]
+        search_lr: f64,
+        /// Write the curve as CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Write an SVG plot of reliability, generalization and locality here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Forward-pass tokens/s of Engram's decoder against candle-transformers' Llama on the same weights.
     Forward {
         #[command(flatten)]
@@ -372,6 +447,90 @@ fn main() -> Result<()> {
         Command::Ask { question, model, adapter } => ask(&question, &model, adapter.as_deref()),
         Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
             bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
+        }
+        Command::Bench(BenchCommand::Sequential {
+            args,
+            hyper,
+            n,
+            strategy,
+            injector,
+            steps,
+            eval_every,
+            people_per_doc,
+            locality_items,
+            gate,
+            max_drop,
+            grow_energy,
+            energy,
+            lambda,
+            target_scale,
+            mu,
+            mode,
+            edit_layers,
+            site,
+            search_steps,
+            search_lr,
+            csv,
+            plot,
+        }) => {
+            let base = load(&args.model)?;
+            let t = std::time::Instant::now();
+            let mut strategy: Box<dyn engram_compose::Strategy> = match strategy.as_str() {
+                "nullspace" => Box::new(engram_compose::NullSpace::new(
+                    &base.llama,
+                    &base.tokenizer,
+                    engram_compose::NullSpaceConfig { grow_energy, energy, ..Default::default() },
+                )?),
+                "memit" => Box::new(engram_compose::Memit::new(
+                    &base.llama,
+                    &base.tokenizer,
+                    engram_compose::MemitConfig {
+                        lambda,
+                        target_scale,
+                        mu,
+                        mode: mode.parse()?,
+                        layers: edit_layers,
+                        site: site.parse()?,
+                        search_steps,
+                        search_lr,
+                        ..Default::default()
+                    },
+                )?),
+                other => engram_compose::strategy(other, &base.llama, &base.tokenizer)?,
+            };
+            let setup_s = t.elapsed().as_secs_f64();
+            let inj: Box<dyn engram_inject::Injector + '_> = match injector {
+                InjectorKind::Hypernet => Box::new(engram_inject::HyperInjector::load(&hyper.hypernet, &base)?),
+                InjectorKind::Distill => Box::new(engram_inject::DistillInjector::new(
+                    &base,
+                    engram_inject::DistillConfig { steps, ..Default::default() },
+                )),
+            };
+            let mut cfg = engram_compose::sequential::SequentialConfig::new(n);
+            cfg.seed = args.seed;
+            cfg.eval_every = eval_every.unwrap_or(cfg.eval_every);
+            cfg.people_per_doc = people_per_doc;
+            cfg.locality_items = locality_items;
+            cfg.gate = gate.then(|| engram_compose::GateConfig { max_drop_points: max_drop, ..Default::default() });
+            let r = engram_compose::sequential::run(&base, inj.as_ref(), strategy.as_mut(), setup_s, &cfg, &mut |p| {
+                eprintln!(
+                    "{:>5} docs  reliability {:.3}  generalization {:.3}  locality {:.3}  drift {:.3}  rejected {}  {:.0} s",
+                    p.documents, p.reliability, p.generalization, p.locality, p.drift, p.rejected, p.elapsed_s
+                )
+            })?;
+            if let Some(path) = csv {
+                std::fs::write(&path, r.csv()).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = plot {
+                std::fs::write(&path, engram_compose::plot::sequential(&[&r]))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", r.table());
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Forward { args, batch, seq_len, rounds }) => {
             let base = load(&args.model)?;

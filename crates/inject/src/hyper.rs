@@ -429,7 +429,7 @@ pub fn capture(llama: &Llama, ids: &Tensor) -> Result<Reading> {
         capture_mlp_hidden: true,
         kernels: Kernels::Fused,
         last_only: true,
-        lora: None,
+        ..Default::default()
     };
     let out = llama.forward(ids, &Positions::From(0), &opts)?;
     Ok(Reading { residuals: out.residuals, mlp_hidden: out.mlp_hidden, ids: ids.clone() })

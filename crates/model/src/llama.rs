@@ -40,6 +40,9 @@ pub struct ForwardOptions<'a> {
     pub capture_mlp_hidden: bool,
     /// Logits for the last position only (prefill and decoding) instead of every position.
     pub last_only: bool,
+    /// Adds this tensor (`batch x seq x hidden`) to the residual stream leaving layer `.0`: the handle by which a
+    /// locate-and-edit method (MEMIT) searches for the residual change that makes a fact come out.
+    pub residual_add: Option<(usize, &'a Tensor)>,
 }
 
 impl<'a> ForwardOptions<'a> {
@@ -217,6 +220,13 @@ impl Llama {
         }
     }
 
+    /// Logits from a final residual (`... x hidden`, the last entry of `ForwardOutput::residuals`): the final norm
+    /// and the head, differentiable. A search for a change of the last residual needs nothing else.
+    pub fn head_logits(&self, residual: &Tensor) -> Result<Tensor> {
+        let x = self.rms_norm(residual, &self.norm, Kernels::Differentiable)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
     /// A full forward pass over `ids` (`batch x seq`, u32) with no cache.
     pub fn forward(&self, ids: &Tensor, positions: &Positions, opts: &ForwardOptions) -> Result<ForwardOutput> {
         self.run(ids, positions, None, opts)
@@ -266,6 +276,9 @@ impl Llama {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let hidden = opts.capture_mlp_hidden.then_some(&mut mlp_hidden);
             x = self.layer(i, layer, &x, &rope, mask.as_ref(), kv, opts, hidden)?;
+            if let Some((_, add)) = opts.residual_add.filter(|(l, _)| *l == i) {
+                x = (x + add)?;
+            }
         }
         if opts.capture_residuals {
             residuals.push(x.clone());

@@ -263,6 +263,27 @@ impl World {
         out
     }
 
+    /// `n` people with distinct names whom no training ever saw with these attributes: the `fresh` split in a
+    /// seeded order, then (past its 1000) reading-split names with newly drawn attributes. What a sequential
+    /// benchmark injects one after another.
+    pub fn new_people(&self, rng: &mut Rng, n: usize) -> Vec<Person> {
+        let mut out = self.fresh.clone();
+        rng.shuffle(&mut out);
+        out.truncate(n);
+        let mut pairs = self.reading_pairs.clone();
+        rng.shuffle(&mut pairs);
+        for &pair in pairs.iter().take(n.saturating_sub(out.len())) {
+            let p = self.person(rng, pair);
+            out.push(p);
+        }
+        out
+    }
+
+    /// How many distinct people [`World::new_people`] can return.
+    pub fn new_people_limit(&self) -> usize {
+        self.fresh.len() + self.reading_pairs.len()
+    }
+
     /// Every word the world can produce: the tokenizer's vocabulary, specials first, in a stable order.
     pub fn vocabulary(&self) -> Vec<String> {
         let mut words: Vec<String> = text::SPECIAL.iter().map(|s| s.to_string()).collect();
@@ -419,6 +440,18 @@ impl World {
             .into_iter()
             .map(|(a, q)| Probe {
                 prompt: format!("<bos> {q}"),
+                answer: format!("{} <eos>", who.value(a)),
+                attribute: Some(a),
+            })
+            .collect()
+    }
+
+    /// One held-out-phrasing question per attribute about `who`, closed book: generalisation probes.
+    pub fn closed_book_probes_heldout(&self, who: &Person) -> Vec<Probe> {
+        Attribute::ALL
+            .into_iter()
+            .map(|a| Probe {
+                prompt: format!("<bos> Q : {} A :", text::question(a, HELDOUT_PHRASING, &who.name())),
                 answer: format!("{} <eos>", who.value(a)),
                 attribute: Some(a),
             })

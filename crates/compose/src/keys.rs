@@ -1,0 +1,94 @@
+//! Keys: what an adapted weight reads. For `mlp.down_proj` that is the MLP hidden activation at every token, the
+//! "key" under which the MLP looks a fact up (ROME/MEMIT's key-value view of the MLP). A delta `B A` changes the
+//! output at a token only through `A k`, so keeping `A` orthogonal to the keys of what must be kept keeps it.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use engram_model::{ForwardOptions, Kernels, Llama, Positions, Tokenizer};
+use nalgebra::DMatrix;
+
+const BATCH: usize = 32;
+
+/// Runs `texts` through `model` and hands each batch's keys to `sink(layer, keys)`, `keys` being `tokens x in`
+/// (padding removed).
+fn for_each_key_batch(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    mut sink: impl FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<()> {
+    let pad = tokenizer.token_to_id("<pad>").context("tokenizer has no <pad>")?;
+    let max = model.config().max_position_embeddings;
+    let rows: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            let mut ids = engram_model::encode(tokenizer, t)?;
+            ids.truncate(max);
+            Ok(ids)
+        })
+        .collect::<Result<_>>()?;
+    let opts =
+        ForwardOptions { kernels: Kernels::Fused, capture_mlp_hidden: true, last_only: true, ..Default::default() };
+    for batch in rows.chunks(BATCH) {
+        let t = batch.iter().map(Vec::len).max().unwrap_or(1);
+        let flat: Vec<u32> =
+            batch.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(t)).collect();
+        let ids = Tensor::from_vec(flat, (batch.len(), t), model.device())?;
+        let keep: Vec<u32> =
+            batch.iter().enumerate().flat_map(|(i, r)| (0..r.len()).map(move |p| (i * t + p) as u32)).collect();
+        let keep = Tensor::new(keep.as_slice(), model.device())?;
+        let out = model.forward(&ids, &Positions::From(0), &opts)?;
+        for (layer, h) in out.mlp_hidden.iter().enumerate() {
+            let flat = h.reshape(((), h.dim(2)?))?.index_select(&keep, 0)?.to_dtype(DType::F32)?;
+            sink(layer, &flat)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every layer's keys over `texts`: one `tokens x in` matrix per layer.
+pub fn keys(model: &Llama, tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<DMatrix<f64>>> {
+    let layers = model.config().num_hidden_layers;
+    let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); layers];
+    for_each_key_batch(model, tokenizer, texts, |l, k| {
+        parts[l].push(k.clone());
+        Ok(())
+    })?;
+    parts
+        .into_iter()
+        .map(|p| {
+            let k = Tensor::cat(&p, 0)?;
+            let (n, d) = k.dims2()?;
+            let v = k.flatten_all()?.to_vec1::<f32>()?;
+            Ok(DMatrix::from_row_iterator(n, d, v.into_iter().map(f64::from)))
+        })
+        .collect()
+}
+
+/// Every layer's uncentred second moment `sum k k^T` over `texts` (AlphaEdit's `K0 K0^T`), and the token count.
+pub fn second_moment(model: &Llama, tokenizer: &Tokenizer, texts: &[String]) -> Result<(Vec<DMatrix<f64>>, usize)> {
+    let layers = model.config().num_hidden_layers;
+    let mut sums: Vec<Option<Tensor>> = vec![None; layers];
+    let mut tokens = 0;
+    for_each_key_batch(model, tokenizer, texts, |l, k| {
+        if l == 0 {
+            tokens += k.dim(0)?;
+        }
+        let m = k.t()?.matmul(k)?;
+        sums[l] = Some(match sums[l].take() {
+            Some(s) => (s + m)?,
+            None => m,
+        });
+        Ok(())
+    })?;
+    let moments = sums
+        .into_iter()
+        .map(|s| {
+            let s = s.context("no keys: empty text set")?;
+            let d = s.dim(0)?;
+            let v = s.flatten_all()?.to_vec1::<f32>()?;
+            Ok(DMatrix::from_row_iterator(d, d, v.into_iter().map(f64::from)))
+        })
+        .collect::<Result<_>>()?;
+    Ok((moments, tokens))
+}

@@ -1,0 +1,66 @@
+//! Composing many deltas without silent damage.
+//!
+//! A namespace's served state is its base model plus the chain of accepted deltas. Each new document's candidate
+//! delta comes from an injector that read it with the base model; a [`Strategy`] turns the candidate into the delta
+//! actually appended, given the current head, and learns from every accepted one. The [`gate::Gate`] scores the
+//! candidate state on canaries and rejects what would damage the model. [`sequential`] measures a strategy over
+//! hundreds of injections (`engram bench sequential`).
+#![forbid(unsafe_code)]
+
+pub mod gate;
+pub mod keys;
+pub mod memit;
+pub mod nullspace;
+pub mod plot;
+pub mod sequential;
+
+use anyhow::{bail, Result};
+use engram_lora::Delta;
+use engram_model::{Llama, Tokenizer};
+
+pub use gate::{Gate, GateConfig, GateReport};
+pub use memit::{Memit, MemitConfig};
+pub use nullspace::{NullSpace, NullSpaceConfig};
+
+/// How a candidate delta joins a namespace's chain.
+pub trait Strategy {
+    fn name(&self) -> &'static str;
+    /// The delta to append for `candidate` (made from `document`), given the current `head` state.
+    fn compose(&mut self, head: &Llama, document: &str, candidate: Delta) -> Result<Delta>;
+    /// Called once the composed delta is accepted; `head` is the new state with it merged.
+    fn accepted(&mut self, head: &Llama, document: &str) -> Result<()>;
+    /// Protected directions per layer (0 for strategies that protect nothing).
+    fn protected_dims(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// Adds every delta as it comes: the contrast every other strategy is measured against.
+pub struct Naive;
+
+impl Strategy for Naive {
+    fn name(&self) -> &'static str {
+        "naive"
+    }
+
+    fn compose(&mut self, _head: &Llama, _document: &str, candidate: Delta) -> Result<Delta> {
+        Ok(candidate)
+    }
+
+    fn accepted(&mut self, _head: &Llama, _document: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The strategies by name, as the CLI and the worker name them.
+pub const STRATEGIES: [&str; 3] = ["naive", "nullspace", "memit"];
+
+/// Builds a strategy by name for a namespace whose base model is `base`.
+pub fn strategy(name: &str, base: &Llama, tokenizer: &Tokenizer) -> Result<Box<dyn Strategy>> {
+    Ok(match name {
+        "naive" => Box::new(Naive),
+        "nullspace" => Box::new(NullSpace::new(base, tokenizer, NullSpaceConfig::default())?),
+        "memit" => Box::new(Memit::new(base, tokenizer, MemitConfig::default())?),
+        other => bail!("unknown strategy {other:?}; expected one of {}", STRATEGIES.join(", ")),
+    })
+}

@@ -1,0 +1,286 @@
+//! `engram bench sequential`: N documents injected one after another, the state carried from each to the next the
+//! way the service carries a namespace's head (candidate from the injector, composed by the strategy, checked by
+//! the gate when one is configured, merged). Every `eval_every` documents it scores:
+//! - `reliability`: closed-book exact match on every fact injected so far (all trained phrasings);
+//! - `generalization`: the held-out question phrasing on the same facts;
+//! - `locality`: the base evaluation's `closed_book_known`, `icl_single`, `icl_multi` and `skills`, each relative
+//!   to the base model, and their minimum;
+//! - the adapted weights' drift `|W - W0| / |W0|`, the injection and composition latency, protected dimensions.
+//!
+//! Scoring is teacher-forced exact match ([`engram_eval::exact_match`]), the same verdict as greedy decoding.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use engram_eval::{exact_match, suite_probes};
+use engram_inject::Injector;
+use engram_model::{BaseModel, Llama, Module};
+use engram_world::{Probe, Rng, World};
+use serde::Serialize;
+
+use crate::{Gate, GateConfig, GateReport, Strategy};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SequentialConfig {
+    /// Documents injected.
+    pub n: usize,
+    pub eval_every: usize,
+    pub people_per_doc: usize,
+    pub seed: u64,
+    /// Probes per locality suite.
+    pub locality_items: usize,
+    pub gate: Option<GateConfig>,
+}
+
+impl SequentialConfig {
+    pub fn new(n: usize) -> Self {
+        Self { n, eval_every: (n / 10).max(1), people_per_doc: 1, seed: 20261126, locality_items: 200, gate: None }
+    }
+}
+
+/// The base-evaluation suites locality is measured on (indices into [`engram_eval::SUITES`]).
+const LOCALITY: [(&str, usize); 4] = [("closed_book_known", 3), ("icl_single", 0), ("icl_multi", 1), ("skills", 5)];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    /// Documents submitted so far.
+    pub documents: usize,
+    pub accepted: usize,
+    pub rejected: usize,
+    /// Facts scored for reliability (every trained question about every submitted person).
+    pub facts: usize,
+    pub reliability: f64,
+    pub generalization: f64,
+    /// Minimum of `locality_by_suite`.
+    pub locality: f64,
+    /// Each suite's accuracy relative to the base model's.
+    pub locality_by_suite: BTreeMap<String, f64>,
+    /// Reliability on the first documents' facts (the first `eval_every` documents): what later updates erase.
+    pub reliability_first: f64,
+    /// `|W - W0|_F / |W0|_F` over the adapted weights.
+    pub drift: f64,
+    /// Mean milliseconds per document since the previous point: the injector's forward/fit, and composition
+    /// (strategy, merge, gate, strategy update).
+    pub inject_ms: f64,
+    pub compose_ms: f64,
+    pub protected_dims: Vec<usize>,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SequentialReport {
+    pub strategy: String,
+    pub injector: String,
+    pub config: SequentialConfig,
+    /// The base model's accuracy on each locality suite.
+    pub base: BTreeMap<String, f64>,
+    /// Seconds spent before the first injection (the strategy's protected keys, the gate's references).
+    pub setup_s: f64,
+    pub curve: Vec<Point>,
+    pub last: Point,
+    /// Gate verdicts of rejected candidates (document index, report).
+    pub rejections: Vec<(usize, GateReport)>,
+    pub wall_s: f64,
+}
+
+fn accuracy(hits: &[bool]) -> f64 {
+    hits.iter().filter(|&&h| h).count() as f64 / hits.len().max(1) as f64
+}
+
+/// `|W - W0|_F / |W0|_F` over every down_proj.
+fn drift(head: &Llama, base: &Llama) -> Result<f64> {
+    let (mut num, mut den) = (0.0, 0.0);
+    for l in 0..base.config().num_hidden_layers {
+        let w0 = base.weight(l, Module::Down);
+        let w = head.weight(l, Module::Down);
+        num += (w - w0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        den += w0.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok((num / den).sqrt())
+}
+
+/// Runs the benchmark. `setup_s` is what building `strategy` cost (reported, not timed here); `progress` gets a line
+/// per evaluation point.
+pub fn run(
+    base: &BaseModel,
+    injector: &dyn Injector,
+    strategy: &mut dyn Strategy,
+    setup_s: f64,
+    cfg: &SequentialConfig,
+    progress: &mut dyn FnMut(&Point),
+) -> Result<SequentialReport> {
+    let start = Instant::now();
+    let world = World::new();
+    let people_needed = cfg.n * cfg.people_per_doc;
+    if people_needed > world.new_people_limit() {
+        bail!("{people_needed} people asked for; the world has {} never-trained names", world.new_people_limit());
+    }
+    if cfg.n == 0 || cfg.eval_every == 0 || cfg.people_per_doc == 0 {
+        bail!("n, eval_every and people_per_doc must be positive");
+    }
+    let (llama, tok) = (&base.llama, &base.tokenizer);
+    let mut rng = Rng::derive(cfg.seed, 0x5E9);
+    let people = world.new_people(&mut rng, people_needed);
+
+    let t_setup = Instant::now();
+    let locality: Vec<(&str, Vec<Probe>)> =
+        LOCALITY.iter().map(|&(name, i)| (name, suite_probes(&world, cfg.seed, i, cfg.locality_items))).collect();
+    let mut base_scores = BTreeMap::new();
+    for (name, probes) in &locality {
+        base_scores.insert(name.to_string(), accuracy(&exact_match(llama, tok, None, probes)?));
+    }
+    let mut gate = cfg.gate.clone().map(|g| Gate::new(llama, tok, g)).transpose()?;
+    let setup_s = setup_s + t_setup.elapsed().as_secs_f64();
+
+    let mut head = llama.clone();
+    let (mut reliability, mut heldout) = (Vec::<Probe>::new(), Vec::<Probe>::new());
+    let mut first_facts = 0;
+    let (mut accepted, mut rejected) = (0, 0);
+    let mut rejections = Vec::new();
+    let (mut inject_ms, mut compose_ms) = (0.0, 0.0);
+    let mut window = 0;
+    let mut curve = Vec::new();
+    for (i, who) in people.chunks(cfg.people_per_doc).enumerate() {
+        let doc = world.document(&mut rng, who, false);
+        let facts: Vec<Probe> = who.iter().flat_map(|p| world.closed_book_probes_all(p)).collect();
+        reliability.extend(facts.iter().cloned());
+        heldout.extend(who.iter().flat_map(|p| world.closed_book_probes_heldout(p)));
+        if i < cfg.eval_every {
+            first_facts = reliability.len();
+        }
+
+        let t0 = Instant::now();
+        let candidate = injector.inject(&doc)?.delta;
+        let t1 = Instant::now();
+        let composed = strategy.compose(&head, &doc, candidate)?;
+        let next = head.merged(&[&composed])?;
+        let verdict = gate.as_ref().map(|g| g.check(&next, tok)).transpose()?;
+        match verdict {
+            Some(v) if !v.passed => {
+                rejected += 1;
+                rejections.push((i, v));
+            }
+            _ => {
+                head = next;
+                strategy.accepted(&head, &doc)?;
+                if let Some(g) = gate.as_mut() {
+                    g.admit(&head, tok, &facts)?;
+                }
+                accepted += 1;
+            }
+        }
+        inject_ms += (t1 - t0).as_secs_f64() * 1e3;
+        compose_ms += t1.elapsed().as_secs_f64() * 1e3;
+        window += 1;
+
+        let done = i + 1;
+        if done % cfg.eval_every == 0 || done == cfg.n {
+            let hits = exact_match(&head, tok, None, &reliability)?;
+            let mut by_suite = BTreeMap::new();
+            for (name, probes) in &locality {
+                let acc = accuracy(&exact_match(&head, tok, None, probes)?);
+                by_suite.insert(name.to_string(), acc / base_scores[*name].max(1e-9));
+            }
+            let point = Point {
+                documents: done,
+                accepted,
+                rejected,
+                facts: reliability.len(),
+                reliability: accuracy(&hits),
+                generalization: accuracy(&exact_match(&head, tok, None, &heldout)?),
+                locality: by_suite.values().copied().fold(f64::INFINITY, f64::min),
+                locality_by_suite: by_suite,
+                reliability_first: accuracy(&hits[..first_facts]),
+                drift: drift(&head, llama)?,
+                inject_ms: inject_ms / window as f64,
+                compose_ms: compose_ms / window as f64,
+                protected_dims: strategy.protected_dims(),
+                elapsed_s: start.elapsed().as_secs_f64(),
+            };
+            progress(&point);
+            curve.push(point);
+            (inject_ms, compose_ms, window) = (0.0, 0.0, 0);
+        }
+    }
+    let last = curve.last().cloned().expect("n > 0 gives at least one point");
+    Ok(SequentialReport {
+        strategy: strategy.name().into(),
+        injector: injector.name().into(),
+        config: cfg.clone(),
+        base: base_scores,
+        setup_s,
+        curve,
+        last,
+        rejections,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+impl SequentialReport {
+    /// The curve as CSV, one row per evaluation point.
+    pub fn csv(&self) -> String {
+        let suites: Vec<&str> = LOCALITY.iter().map(|(n, _)| *n).collect();
+        let mut s = format!(
+            "documents,accepted,rejected,facts,reliability,generalization,locality,{},reliability_first,drift,inject_ms,compose_ms,protected_dims,elapsed_s\n",
+            suites.join(",")
+        );
+        for p in &self.curve {
+            let loc: Vec<String> = suites.iter().map(|n| format!("{:.4}", p.locality_by_suite[*n])).collect();
+            let dims: Vec<String> = p.protected_dims.iter().map(|d| d.to_string()).collect();
+            s += &format!(
+                "{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{:.4},{:.2},{:.2},{},{:.1}\n",
+                p.documents,
+                p.accepted,
+                p.rejected,
+                p.facts,
+                p.reliability,
+                p.generalization,
+                p.locality,
+                loc.join(","),
+                p.reliability_first,
+                p.drift,
+                p.inject_ms,
+                p.compose_ms,
+                dims.join(" "),
+                p.elapsed_s
+            );
+        }
+        s
+    }
+
+    /// A human table.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "sequential injection: {} documents, strategy {}, injector {}{}\n",
+            self.config.n,
+            self.strategy,
+            self.injector,
+            if self.config.gate.is_some() { ", gated" } else { "" }
+        );
+        s += &format!(
+            "{:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9}\n",
+            "docs", "rej", "rel", "gen", "local", "known", "icl1", "icl4", "skills", "drift", "inject_ms", "compose_ms"
+        );
+        for p in &self.curve {
+            let l = &p.locality_by_suite;
+            s += &format!(
+                "{:>6} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>6.3} {:>9.1} {:>9.1}\n",
+                p.documents,
+                p.rejected,
+                p.reliability,
+                p.generalization,
+                p.locality,
+                l["closed_book_known"],
+                l["icl_single"],
+                l["icl_multi"],
+                l["skills"],
+                p.drift,
+                p.inject_ms,
+                p.compose_ms
+            );
+        }
+        s += &format!("setup {:.1} s, total {:.1} s\n", self.setup_s, self.wall_s);
+        s
+    }
+}
