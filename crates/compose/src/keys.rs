@@ -65,14 +65,23 @@ pub fn keys(model: &Llama, tokenizer: &Tokenizer, texts: &[String]) -> Result<Ve
         .collect()
 }
 
-/// Every layer's uncentred second moment `sum k k^T` over `texts` (AlphaEdit's `K0 K0^T`), and the token count.
-pub fn second_moment(model: &Llama, tokenizer: &Tokenizer, texts: &[String]) -> Result<(Vec<DMatrix<f64>>, usize)> {
+/// The uncentred second moment `sum k k^T` over `texts` (AlphaEdit's `K0 K0^T`) of each layer in `only` (every
+/// layer when `None`; the others get an empty matrix), and the token count.
+pub fn second_moment(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    only: Option<&[usize]>,
+) -> Result<(Vec<DMatrix<f64>>, usize)> {
     let layers = model.config().num_hidden_layers;
     let mut sums: Vec<Option<Tensor>> = vec![None; layers];
     let mut tokens = 0;
     for_each_key_batch(model, tokenizer, texts, |l, k| {
         if l == 0 {
             tokens += k.dim(0)?;
+        }
+        if only.is_some_and(|o| !o.contains(&l)) {
+            return Ok(());
         }
         let m = k.t()?.matmul(k)?;
         sums[l] = Some(match sums[l].take() {
@@ -84,7 +93,10 @@ pub fn second_moment(model: &Llama, tokenizer: &Tokenizer, texts: &[String]) -> 
     let moments = sums
         .into_iter()
         .map(|s| {
-            let s = s.context("no keys: empty text set")?;
+            let Some(s) = s else {
+                anyhow::ensure!(tokens > 0, "no keys: empty text set");
+                return Ok(DMatrix::zeros(0, 0));
+            };
             let d = s.dim(0)?;
             let v = s.flatten_all()?.to_vec1::<f32>()?;
             Ok(DMatrix::from_row_iterator(d, d, v.into_iter().map(f64::from)))

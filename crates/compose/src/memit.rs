@@ -138,11 +138,28 @@ impl Memit {
     pub fn new(base: &Llama, tokenizer: &Tokenizer, cfg: MemitConfig) -> Result<Self> {
         let world = World::new();
         let texts = protected_texts(&world, cfg.protected_samples, cfg.seed);
-        let (moments, tokens) = second_moment(base, tokenizer, &texts)?;
+        let n = base.config().num_hidden_layers;
+        if let Some(l) = cfg.layers.iter().find(|&&l| l >= n) {
+            bail!("memit: layer {l} asked for; the model has {n} layers");
+        }
+        if cfg.layers.is_empty() {
+            bail!("memit: no layers to edit");
+        }
+        // Reproduce mode requires what the candidate does wherever it acts: every layer is protected.
+        let only = (cfg.mode == Mode::Locate).then_some(cfg.layers.as_slice());
+        let (moments, tokens) = second_moment(base, tokenizer, &texts, only)?;
         let (inp, out) = Module::Down.dims(base.config());
         let layers = moments
             .into_iter()
             .map(|c0| {
+                if c0.nrows() == 0 {
+                    // Not edited: no protected moment needed, and its solution stays zero.
+                    return LayerState {
+                        s: DMatrix::zeros(out, inp),
+                        c: DMatrix::identity(inp, inp),
+                        dw: DMatrix::zeros(out, inp),
+                    };
+                }
                 let c0 = c0 / tokens as f64;
                 // mu is relative to the mean key energy per dimension, so it means the same on any model.
                 let unit = c0.trace() / inp as f64;

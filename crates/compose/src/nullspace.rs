@@ -195,7 +195,7 @@ impl NullSpace {
     pub fn new(base: &Llama, tokenizer: &Tokenizer, cfg: NullSpaceConfig) -> Result<Self> {
         let world = World::new();
         let texts = protected_texts(&world, cfg.protected_samples, cfg.seed);
-        let (moments, tokens) = second_moment(base, tokenizer, &texts)?;
+        let (moments, tokens) = second_moment(base, tokenizer, &texts, None)?;
         let bases = moments.iter().map(|c| Basis::from_moment(c, cfg.energy)).collect();
         Ok(Self { cfg, world, tokenizer: tokenizer.clone(), bases, protected_tokens: tokens })
     }

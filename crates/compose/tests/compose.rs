@@ -1,0 +1,72 @@
+//! Composition on the shipped models: what naive accumulation breaks, the memit strategy keeps, and the gate
+//! tells the two apart. These are the regression thresholds for `engram bench sequential` at a size CI affords.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use engram_compose::sequential::{run, SequentialConfig, SequentialReport};
+use engram_compose::{Gate, GateConfig, Memit, MemitConfig, Naive, Strategy};
+use engram_inject::{HyperInjector, Injector};
+use engram_model::BaseModel;
+use engram_world::{Rng, World};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn base() -> &'static BaseModel {
+    static BASE: OnceLock<BaseModel> = OnceLock::new();
+    BASE.get_or_init(|| BaseModel::load(&root().join("models/base"), &candle_core::Device::Cpu).unwrap())
+}
+
+fn bench(strategy: &mut dyn Strategy, n: usize) -> SequentialReport {
+    let base = base();
+    let injector = HyperInjector::load(&root().join("models/hypernet"), base).unwrap();
+    let mut cfg = SequentialConfig::new(n);
+    cfg.eval_every = n;
+    cfg.locality_items = 100;
+    let r = run(base, &injector, strategy, 0.0, &cfg, &mut |_| {}).unwrap();
+    eprint!("{}", r.table());
+    r
+}
+
+#[test]
+fn memit_keeps_twenty_documents_that_naive_accumulation_destroys() {
+    let base = base();
+    let naive = bench(&mut Naive, 20).last;
+    let mut memit = Memit::new(&base.llama, &base.tokenizer, MemitConfig::default()).unwrap();
+    let kept = bench(&mut memit, 20).last;
+    // Naive: hypernetwork deltas share a large person-independent part, so twenty of them add up to several
+    // times the base weights.
+    assert!(naive.locality < 0.5, "naive accumulation no longer collapses: locality {}", naive.locality);
+    assert!(naive.drift > 2.0, "naive drift {}", naive.drift);
+    assert!(kept.reliability >= 0.9, "memit reliability {}", kept.reliability);
+    assert!(kept.locality >= 0.97, "memit locality {}", kept.locality);
+    assert!(kept.drift < 1.0, "memit drift {}", kept.drift);
+}
+
+#[test]
+fn the_gate_rejects_a_damaging_candidate_and_passes_a_composed_one() {
+    let base = base();
+    let world = World::new();
+    let injector = HyperInjector::load(&root().join("models/hypernet"), base).unwrap();
+    let gate = Gate::new(&base.llama, &base.tokenizer, GateConfig::default()).unwrap();
+    let mut rng = Rng::derive(9, 9);
+    let people = world.new_people(&mut rng, 5);
+    let docs: Vec<String> = people.iter().map(|p| world.document(&mut rng, std::slice::from_ref(p), false)).collect();
+
+    let unchanged = gate.check(&base.llama, &base.tokenizer).unwrap();
+    assert!(unchanged.passed && unchanged.worst.1.abs() < 1e-9, "{unchanged:?}");
+
+    let deltas: Vec<_> = docs.iter().map(|d| injector.inject(d).unwrap().delta).collect();
+    let summed = base.llama.merged(&deltas.iter().collect::<Vec<_>>()).unwrap();
+    let verdict = gate.check(&summed, &base.tokenizer).unwrap();
+    assert!(!verdict.passed, "five summed hypernetwork deltas passed the gate: {verdict:?}");
+    assert!(verdict.worst.1 > 10.0, "{verdict:?}");
+
+    let mut memit = Memit::new(&base.llama, &base.tokenizer, MemitConfig::default()).unwrap();
+    let composed = memit.compose(&base.llama, &docs[0], deltas[0].clone()).unwrap();
+    let head = base.llama.merged(&[&composed]).unwrap();
+    let verdict = gate.check(&head, &base.tokenizer).unwrap();
+    assert!(verdict.passed, "one composed edit failed the gate: {verdict:?}");
+}
