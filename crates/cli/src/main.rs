@@ -292,6 +292,10 @@ enum BenchCommand {
         search_steps: usize,
         #[arg(long, default_value_t = engram_compose::MemitConfig::default().search_lr)]
         search_lr: f64,
+        /// Replace the chain by one compaction delta every this many accepted versions (0: never); the report
+        /// checks the compacted state equals the head.
+        #[arg(long, default_value_t = 100)]
+        compact_every: usize,
         /// Write the curve as CSV here.
         #[arg(long)]
         csv: Option<PathBuf>,
@@ -470,6 +474,7 @@ fn main() -> Result<()> {
             site,
             search_steps,
             search_lr,
+            compact_every,
             csv,
             plot,
         }) => {
@@ -511,6 +516,7 @@ fn main() -> Result<()> {
             cfg.eval_every = eval_every.unwrap_or(cfg.eval_every);
             cfg.people_per_doc = people_per_doc;
             cfg.locality_items = locality_items;
+            cfg.compact_every = compact_every;
             cfg.gate = gate.then(|| engram_compose::GateConfig { max_drop_points: max_drop, ..Default::default() });
             let r = engram_compose::sequential::run(&base, inj.as_ref(), strategy.as_mut(), setup_s, &cfg, &mut |p| {
                 eprintln!(

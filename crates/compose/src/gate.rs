@@ -43,6 +43,22 @@ pub struct GateReport {
     pub worst: (String, f64),
 }
 
+impl GateReport {
+    /// Flat metrics as the lineage stores them with the version (`NewVersion::gate_metrics`): each canary's
+    /// score and drop, and whether it passed.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        for (k, v) in &self.scores {
+            m.insert(format!("{k}.score"), *v);
+        }
+        for (k, v) in &self.drops {
+            m.insert(format!("{k}.drop_points"), *v);
+        }
+        m.insert("passed".into(), if self.passed { 1.0 } else { 0.0 });
+        m
+    }
+}
+
 pub struct Gate {
     cfg: GateConfig,
     suites: Vec<(String, Vec<Probe>, f64)>,

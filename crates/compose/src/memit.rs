@@ -270,16 +270,11 @@ impl Strategy for Memit {
                 eprintln!("memit layer {layer}: |dW KK^T| / |R K^T| = {achieved:.3}, |dW| {:.3}", dw.norm());
             }
             let (out, inp) = diff.shape();
-            // Stored exactly: A = the difference (out rows), B = identity.
-            let mut a = Vec::with_capacity(out * inp);
+            let mut dense = Vec::with_capacity(out * inp);
             for i in 0..out {
-                a.extend(diff.row(i).iter().map(|&x| x as f32));
+                dense.extend(diff.row(i).iter().map(|&x| x as f32));
             }
-            let mut b = vec![0f32; out * out];
-            for i in 0..out {
-                b[i * out + i] = 1.0;
-            }
-            adapters.insert((layer, down.to_string()), Factors::new(out, inp, out, a, b)?);
+            adapters.insert((layer, down.to_string()), Factors::exact(inp, out, dense)?);
             pending.push((kk, rk, dw));
         }
         self.pending = Some(pending);

@@ -31,11 +31,22 @@ pub struct SequentialConfig {
     /// Probes per locality suite.
     pub locality_items: usize,
     pub gate: Option<GateConfig>,
+    /// Every this many accepted versions, the chain since the last compaction is replaced by one delta (their
+    /// sum), as a compaction version in the lineage would; 0 never compacts.
+    pub compact_every: usize,
 }
 
 impl SequentialConfig {
     pub fn new(n: usize) -> Self {
-        Self { n, eval_every: (n / 10).max(1), people_per_doc: 1, seed: 20261126, locality_items: 200, gate: None }
+        Self {
+            n,
+            eval_every: (n / 10).max(1),
+            people_per_doc: 1,
+            seed: 20261126,
+            locality_items: 200,
+            gate: None,
+            compact_every: 100,
+        }
     }
 }
 
@@ -65,6 +76,8 @@ pub struct Point {
     pub inject_ms: f64,
     pub compose_ms: f64,
     pub protected_dims: Vec<usize>,
+    /// Versions a replica applies to reach the head: the compactions so far plus the chain since the last one.
+    pub chain_length: usize,
     pub elapsed_s: f64,
 }
 
@@ -81,6 +94,12 @@ pub struct SequentialReport {
     pub last: Point,
     /// Gate verdicts of rejected candidates (document index, report).
     pub rejections: Vec<(usize, GateReport)>,
+    pub compactions: usize,
+    /// Compaction time amortised over every accepted version, in milliseconds.
+    pub compaction_ms_per_version: f64,
+    /// Largest |weight difference| between the head rebuilt from the base and the compactions and the head
+    /// built version by version: a compaction must serve what the chain served.
+    pub compaction_max_error: f64,
     pub wall_s: f64,
 }
 
@@ -134,6 +153,9 @@ pub fn run(
     let setup_s = setup_s + t_setup.elapsed().as_secs_f64();
 
     let mut head = llama.clone();
+    // What a replica would apply: compactions, then the chain since the last one.
+    let (mut compacted, mut chain): (Vec<engram_lora::Delta>, Vec<engram_lora::Delta>) = (Vec::new(), Vec::new());
+    let (mut compaction_s, mut compaction_err) = (0.0, 0.0f64);
     let (mut reliability, mut heldout) = (Vec::<Probe>::new(), Vec::<Probe>::new());
     let mut first_facts = 0;
     let (mut accepted, mut rejected) = (0, 0);
@@ -163,6 +185,7 @@ pub fn run(
             }
             _ => {
                 head = next;
+                chain.push(composed);
                 strategy.accepted(&head, &doc)?;
                 if let Some(g) = gate.as_mut() {
                     g.admit(&head, tok, &facts)?;
@@ -173,6 +196,19 @@ pub fn run(
         inject_ms += (t1 - t0).as_secs_f64() * 1e3;
         compose_ms += t1.elapsed().as_secs_f64() * 1e3;
         window += 1;
+        if cfg.compact_every > 0 && chain.len() == cfg.compact_every {
+            let t = Instant::now();
+            let meta = engram_lora::Meta { injector: "compaction".into(), ..chain[0].meta.clone() };
+            compacted.push(engram_lora::Delta::compact(&chain.iter().collect::<Vec<_>>(), meta)?);
+            chain.clear();
+            compaction_s += t.elapsed().as_secs_f64();
+            // The served state rebuilt from the base: it must equal the head built version by version.
+            let rebuilt = llama.merged(&compacted.iter().collect::<Vec<_>>())?;
+            for l in 0..llama.config().num_hidden_layers {
+                let d = (rebuilt.weight(l, Module::Down) - head.weight(l, Module::Down))?;
+                compaction_err = compaction_err.max(d.abs()?.max_all()?.to_scalar::<f32>()? as f64);
+            }
+        }
 
         let done = i + 1;
         if done % cfg.eval_every == 0 || done == cfg.n {
@@ -196,6 +232,7 @@ pub fn run(
                 inject_ms: inject_ms / window as f64,
                 compose_ms: compose_ms / window as f64,
                 protected_dims: strategy.protected_dims(),
+                chain_length: compacted.len() + chain.len(),
                 elapsed_s: start.elapsed().as_secs_f64(),
             };
             progress(&point);
@@ -213,6 +250,9 @@ pub fn run(
         curve,
         last,
         rejections,
+        compactions: compacted.len(),
+        compaction_ms_per_version: compaction_s * 1e3 / accepted.max(1) as f64,
+        compaction_max_error: compaction_err,
         wall_s: start.elapsed().as_secs_f64(),
     })
 }
@@ -280,7 +320,10 @@ impl SequentialReport {
                 p.compose_ms
             );
         }
-        s += &format!("setup {:.1} s, total {:.1} s\n", self.setup_s, self.wall_s);
+        s += &format!(
+            "{} compactions ({:.1} ms per version amortised, max weight error {:.1e}); setup {:.1} s, total {:.1} s\n",
+            self.compactions, self.compaction_ms_per_version, self.compaction_max_error, self.setup_s, self.wall_s
+        );
         s
     }
 }

@@ -62,6 +62,8 @@ fn the_gate_rejects_a_damaging_candidate_and_passes_a_composed_one() {
     let summed = base.llama.merged(&deltas.iter().collect::<Vec<_>>()).unwrap();
     let verdict = gate.check(&summed, &base.tokenizer).unwrap();
     assert!(!verdict.passed, "five summed hypernetwork deltas passed the gate: {verdict:?}");
+    assert_eq!(verdict.metrics()["passed"], 0.0);
+    assert!(verdict.metrics().contains_key("known_facts.drop_points"));
     assert!(verdict.worst.1 > 10.0, "{verdict:?}");
 
     let mut memit = Memit::new(&base.llama, &base.tokenizer, MemitConfig::default()).unwrap();

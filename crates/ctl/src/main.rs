@@ -252,6 +252,10 @@ async fn run(cli: Cli) -> Result<()> {
             println!("job         {}", v.job_id);
             println!("documents   {}", v.document_digests.join(", "));
             println!("gate        {}", metrics(&v.gate_metrics));
+            if !v.compacts.is_empty() {
+                let replaced: Vec<&str> = v.compacts.iter().map(|c| c.short()).collect();
+                println!("compacts    {} (rollback can still reach each of them)", replaced.join(" -> "));
+            }
             println!("created     {} by {}", format_ms(v.created_at_ms), v.creator);
             let chain: Vec<&str> = ancestry.iter().map(|a| a.id.short()).collect();
             println!("ancestry    {} -> base", chain.join(" -> "));

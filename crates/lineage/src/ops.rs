@@ -149,6 +149,21 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
                     return Err(Error::Invalid(format!("parent {p} belongs to namespace {:?}", parent.namespace)));
                 }
             }
+            // A compaction names an unbroken chain that starts right above its parent.
+            let mut below = new.parent.clone();
+            for c in &new.compacts {
+                let v = tx.version(keys, c).await?;
+                if v.namespace != ns.name || v.parent != below {
+                    return Err(Error::Invalid(format!(
+                        "compaction: {} is not the child of {} in namespace {:?}; a compaction replaces an unbroken \
+                         chain starting right above its parent",
+                        c.short(),
+                        show(&below),
+                        ns.name
+                    )));
+                }
+                below = Some(c.clone());
+            }
             let id = VersionId::derive(new.parent.as_ref(), &new.delta_hash, &ns.base_model);
             if tx.get::<Version>(&keys.version(&id)).await?.is_some() {
                 return Err(Error::AlreadyExists(format!("version {id} (same parent, delta and base model)")));
@@ -171,6 +186,7 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
                 job_id: new.job_id.clone(),
                 document_digests: new.document_digests.clone(),
                 gate_metrics: new.gate_metrics.clone(),
+                compacts: new.compacts.clone(),
                 created_at_ms: now_ms(),
                 creator: new.creator.clone(),
                 status: Status::Candidate,
@@ -191,10 +207,12 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
             if v.status != Status::Candidate {
                 return Err(Error::Invalid(format!("version {to} is {}, only a candidate can be promoted", v.status)));
             }
-            if v.parent != ns.head {
+            // A compaction takes over from the last version it replaces; anything else from its parent.
+            let built_on = if v.compacts.is_empty() { v.parent.clone() } else { v.compacts.last().cloned() };
+            if built_on != ns.head {
                 return Err(Error::Conflict(format!(
                     "candidate {to} was built on {}, but the head is {}",
-                    show(&v.parent),
+                    show(&built_on),
                     show(&ns.head)
                 )));
             }
@@ -229,7 +247,8 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
                     return Err(Error::Invalid(format!("{} is not an ancestor of the head {head}", show(to))));
                 };
                 let v = tx.version(keys, &id).await?;
-                cur = v.parent.clone();
+                // Through a compaction, the way down runs through the chain it replaced.
+                cur = v.compacts.last().cloned().or_else(|| v.parent.clone());
                 undone.push(v);
             }
             for mut v in undone {

@@ -120,6 +120,11 @@ pub struct NewVersion {
     pub document_digests: Vec<String>,
     pub gate_metrics: BTreeMap<String, f64>,
     pub creator: String,
+    /// A compaction: the chain this version replaces, oldest first. The first's parent is this version's parent
+    /// and each next one's parent is the one before, so the versions' deltas summed equal this one's; it is
+    /// promoted while the last of them is the head, and serves what that one served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compacts: Vec<VersionId>,
 }
 
 /// An immutable version (only `status` changes, through head moves and rejection).
@@ -135,6 +140,10 @@ pub struct Version {
     pub job_id: String,
     pub document_digests: Vec<String>,
     pub gate_metrics: BTreeMap<String, f64>,
+    /// See [`NewVersion::compacts`]. Rollback walks through a compaction into the chain it replaced, so any of
+    /// those versions can still be restored exactly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compacts: Vec<VersionId>,
     pub created_at_ms: u64,
     pub creator: String,
     pub status: Status,

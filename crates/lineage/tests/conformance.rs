@@ -68,6 +68,7 @@ fn new_version(ns: &str, parent: Option<&VersionId>, delta: &str) -> NewVersion 
         document_digests: vec![digest(b"doc")],
         gate_metrics: [("known_recall".to_string(), 0.97)].into(),
         creator: "tester".into(),
+        compacts: Vec::new(),
     }
 }
 
@@ -220,6 +221,48 @@ mod suite {
         assert!(events.windows(2).all(|w| w[0].seq == w[1].seq + 1));
     }
 
+    pub async fn compaction_replaces_a_chain_and_rollback_walks_through_it(h: Harness) {
+        let s = h.store();
+        let ids = chain(&s, "ns", 4).await;
+        let compaction = |parent: Option<&VersionId>, chain: &[VersionId], name: &str| NewVersion {
+            compacts: chain.to_vec(),
+            ..new_version("ns", parent, name)
+        };
+        // Not a chain starting right above the parent: refused, nothing recorded.
+        for (parent, chain) in [(None, vec![ids[1].clone(), ids[2].clone()]), (Some(&ids[0]), vec![ids[2].clone()])] {
+            let err = s.create_version(compaction(parent, &chain, "bad")).await.unwrap_err();
+            assert!(matches!(err, Error::Invalid(ref m) if m.contains("unbroken chain")), "{err}");
+        }
+        assert_eq!(s.log("ns", None).await.unwrap().len(), 4);
+        // ids[1..4] compacted onto ids[0]. It may only replace the head it ends with.
+        let c = s.create_version(compaction(Some(&ids[0]), &ids[1..4], "c")).await.unwrap();
+        assert_eq!(c.compacts, ids[1..4].to_vec());
+        let early = s.create_version(compaction(Some(&ids[0]), &ids[1..3], "early")).await.unwrap();
+        assert!(matches!(s.promote("ns", Some(&ids[3]), &early.id, "t").await, Err(Error::Conflict(_))));
+        s.promote("ns", Some(&ids[3]), &c.id, "t").await.unwrap();
+        assert_eq!(s.version(&c.id).await.unwrap().status, Status::Live);
+        assert_eq!(s.version(&ids[3]).await.unwrap().status, Status::Superseded);
+        // What replicas apply is the short chain: the compaction on top of its parent.
+        let applied: Vec<VersionId> = s.ancestry(&c.id, None).await.unwrap().into_iter().map(|v| v.id).collect();
+        assert_eq!(applied, [c.id.clone(), ids[0].clone()]);
+        // A new version on top of the compaction, then a rollback into the replaced chain: the target is restored
+        // with its own ancestry, exactly what it served before the compaction.
+        let next = s.create_version(new_version("ns", Some(&c.id), "next")).await.unwrap();
+        s.promote("ns", Some(&c.id), &next.id, "t").await.unwrap();
+        s.rollback("ns", Some(&next.id), Some(&ids[2]), "oncall", "before the compaction").await.unwrap();
+        assert_eq!(s.namespace("ns").await.unwrap().head.as_ref(), Some(&ids[2]));
+        let restored: Vec<VersionId> = s.ancestry(&ids[2], None).await.unwrap().into_iter().map(|v| v.id).collect();
+        assert_eq!(restored, [ids[2].clone(), ids[1].clone(), ids[0].clone()]);
+        for (id, want) in [
+            (&next.id, Status::RolledBack),
+            (&c.id, Status::RolledBack),
+            (&ids[3], Status::RolledBack),
+            (&ids[2], Status::Live),
+        ] {
+            assert_eq!(s.version(id).await.unwrap().status, want, "{}", id.short());
+        }
+    }
+
     pub async fn tags_and_resolution(h: Harness) {
         let s = h.store();
         let ids = chain(&s, "ns", 2).await;
@@ -326,7 +369,8 @@ macro_rules! conformance {
         mod $backend {
             use super::*;
             conformance!(@tests $open; namespaces, versions_log_and_ancestry, promote_is_compare_and_swap,
-                concurrent_writers_race_for_one_head, rollback_keeps_history, tags_and_resolution,
+                concurrent_writers_race_for_one_head, rollback_keeps_history,
+                compaction_replaces_a_chain_and_rollback_walks_through_it, tags_and_resolution,
                 watchers_see_every_move_in_order, survives_restart, watch_resumes_after_reconnect);
         }
     };

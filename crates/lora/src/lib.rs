@@ -61,6 +61,27 @@ impl Factors {
     }
 }
 
+impl Factors {
+    /// Exact factors of a dense `out x in` weight change (row-major), at scale 1: the dense matrix as A with B the
+    /// identity (or the other way round when the weight is taller than wide), so the rank is `min(out, in)`.
+    pub fn exact(in_dim: usize, out_dim: usize, dense: Vec<f32>) -> Result<Self> {
+        if dense.len() != in_dim * out_dim {
+            return Err(Error::Invalid(format!(
+                "a {out_dim}x{in_dim} weight change needs {} values, got {}",
+                in_dim * out_dim,
+                dense.len()
+            )));
+        }
+        let identity =
+            |n: usize| -> Vec<f32> { (0..n * n).map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 }).collect() };
+        if out_dim <= in_dim {
+            Self::new(out_dim, in_dim, out_dim, dense, identity(out_dim))
+        } else {
+            Self::new(in_dim, in_dim, out_dim, identity(in_dim), dense)
+        }
+    }
+}
+
 /// Where a delta comes from and what it applies to.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Meta {
@@ -299,6 +320,44 @@ impl Delta {
             }
         }
         Some(w)
+    }
+}
+
+impl Delta {
+    /// One delta equal to the sum of `chain` (what a compaction version stores): per adapted weight, the dense sum
+    /// of every delta's `scale * B @ A`, in exact factors at scale 1. Every delta must be for the same base model.
+    pub fn compact(chain: &[&Delta], mut meta: Meta) -> Result<Delta> {
+        let Some(first) = chain.first() else {
+            return Err(Error::Invalid("nothing to compact".into()));
+        };
+        if let Some(d) = chain.iter().find(|d| d.meta.base_model != first.meta.base_model) {
+            return Err(Error::Invalid(format!(
+                "cannot compact deltas for base models {:?} and {:?}",
+                first.meta.base_model, d.meta.base_model
+            )));
+        }
+        let mut sums: BTreeMap<(usize, String), (usize, usize, Vec<f32>)> = BTreeMap::new();
+        for d in chain {
+            for ((layer, module), f) in &d.adapters {
+                let entry = sums
+                    .entry((*layer, module.clone()))
+                    .or_insert_with(|| (f.in_dim, f.out_dim, vec![0.0; f.in_dim * f.out_dim]));
+                if (entry.0, entry.1) != (f.in_dim, f.out_dim) {
+                    return Err(Error::Invalid(format!(
+                        "layer {layer} {module}: factor shapes differ along the chain"
+                    )));
+                }
+                let dense = d.dense(*layer, module).expect("the adapter exists");
+                entry.2.iter_mut().zip(dense).for_each(|(s, x)| *s += x);
+            }
+        }
+        meta.base_model = first.meta.base_model.clone();
+        meta.scale = 1.0;
+        let adapters = sums
+            .into_iter()
+            .map(|(k, (i, o, w))| Ok((k, Factors::exact(i, o, w)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Delta { meta, adapters })
     }
 }
 

@@ -105,3 +105,38 @@ fn peft_mixed_ranks_keep_each_modules_scaling() {
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6), "{layer} {module}");
     }
 }
+
+#[test]
+fn a_compaction_equals_the_sum_of_its_chain() {
+    use engram_lora::{Delta, Factors, Meta};
+    let meta = |scale: f32| Meta { base_model: "b".into(), scale, injector: "t".into(), injector_version: "1".into() };
+    let values = |n: usize, k: u32| -> Vec<f32> {
+        (0..n).map(|i| ((i as u32 * 7919 + k * 104_729) % 97) as f32 / 97.0 - 0.5).collect()
+    };
+    let delta = |seed: u32, rank: usize, scale: f32, layers: &[usize]| Delta {
+        meta: meta(scale),
+        adapters: layers
+            .iter()
+            .map(|&l| {
+                let f = Factors::new(rank, 6, 4, values(rank * 6, seed), values(4 * rank, seed + 1)).unwrap();
+                ((l, "mlp.down_proj".to_string()), f)
+            })
+            .collect(),
+    };
+    let (a, b) = (delta(1, 2, 2.0, &[0, 1]), delta(5, 3, 0.5, &[1]));
+    let c = Delta::compact(&[&a, &b], meta(7.0)).unwrap();
+    assert_eq!(c.meta.scale, 1.0);
+    assert_eq!(c.adapters[&(0, "mlp.down_proj".to_string())].rank, 4, "exact factors have rank min(out, in)");
+    for layer in [0, 1] {
+        let mut want = a.dense(layer, "mlp.down_proj").unwrap();
+        if let Some(x) = b.dense(layer, "mlp.down_proj") {
+            want.iter_mut().zip(x).for_each(|(s, x)| *s += x);
+        }
+        let got = c.dense(layer, "mlp.down_proj").unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6), "layer {layer}");
+    }
+    let mut other = delta(2, 2, 1.0, &[0]);
+    other.meta.base_model = "other".into();
+    assert!(Delta::compact(&[&a, &other], meta(1.0)).is_err());
+    assert!(Delta::compact(&[], meta(1.0)).is_err());
+}
