@@ -239,7 +239,7 @@ enum BenchCommand {
         n: usize,
         /// How each delta joins the chain: naive (add it), nullspace (project it off protected keys) or memit (one
         /// least-squares solution meeting every accepted document's key-value requirements).
-        #[arg(long, default_value = "nullspace")]
+        #[arg(long, default_value = "memit")]
         strategy: String,
         #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
         injector: InjectorKind,
@@ -259,6 +259,7 @@ enum BenchCommand {
         /// --max-drop points on any.
         #[arg(long)]
         gate: bool,
+        /// Largest drop tolerated on any canary, in accuracy points (0-100).
         #[arg(long, default_value_t = 2.0)]
         max_drop: f64,
         /// Null-space strategy: share of each accepted injection's key energy added to the protected basis.
