@@ -10,11 +10,12 @@ const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
 const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
-/// Lines `(label, points)` on shared axes; y runs from 0 to the larger of 1 and the highest point.
+/// Lines `(label, points)` on shared axes; y runs from 0 to the larger of 1 and the highest point (rounded up).
 pub fn svg(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     let xs = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0));
     let x_max = xs.fold(1.0_f64, f64::max);
-    let y_max = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).fold(1.0_f64, f64::max) * 1.05;
+    // Round ticks: 0.2 steps up to at least 1.
+    let y_max = (series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).fold(1.0_f64, f64::max) / 0.2).ceil() * 0.2;
     let px = |x: f64| LEFT + x / x_max * (W - LEFT - RIGHT);
     let py = |y: f64| TOP + (1.0 - y / y_max) * (H - TOP - BOTTOM);
     let mut s = format!(
@@ -89,4 +90,28 @@ pub fn sequential(reports: &[&SequentialReport]) -> String {
     let names: Vec<&str> = reports.iter().map(|r| r.strategy.as_str()).collect();
     let injector = reports.first().map(|r| r.injector.as_str()).unwrap_or("");
     svg(&format!("sequential injection ({injector}): {}", names.join(" vs ")), "documents injected", &series)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_per_series_inside_the_frame() {
+        let s = super::svg(
+            "t <&>",
+            "x",
+            &[("a".into(), vec![(0.0, 0.0), (10.0, 1.0)]), ("b".into(), vec![(5.0, 0.5), (10.0, 1.3)])],
+        );
+        assert_eq!(s.matches("<polyline").count(), 2);
+        assert!(s.contains("t &lt;&amp;&gt;"));
+        assert!(s.trim_end().ends_with("</svg>"));
+        // Every plotted point lies inside the drawing area.
+        for poly in s.split("points=\"").skip(1) {
+            for pt in poly.split('"').next().unwrap().split(' ') {
+                let (x, y) = pt.split_once(',').unwrap();
+                let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
+                assert!((super::LEFT..=super::W - super::RIGHT).contains(&x), "{x}");
+                assert!((super::TOP..=super::H - super::BOTTOM).contains(&y), "{y}");
+            }
+        }
+    }
 }
