@@ -1,17 +1,22 @@
 //! Least-squares composition (MEMIT's batch edit, solved again after every injection).
 //!
-//! A candidate delta is not added. It is read as a set of key-value requirements: on the keys of the questions its
-//! document answers (each named person's trained questions, read by the base model with the candidate applied), the
-//! adapted weight should output what the candidate outputs there, `R_i = dW_i K_i`. The served weight change is the
-//! one matrix that meets every accepted document's requirements at once, changes nothing on the protected keys
-//! (known facts, reading, skills: `C0`, weighted `lambda`), and is small:
+//! A candidate delta is not added; it is read as requirements on one weight, key -> wanted output change:
+//! - `locate` (default): the candidate answers every trained question about each person the document names; a
+//!   search finds, per question, the change of the residual leaving the edited layer at the question's last token
+//!   that makes the *current head* give that answer (MEMIT's `v*`; for the last layer only the final norm and the
+//!   head sit in between, so the search runs on captured residuals in tens of milliseconds). The requirement is that
+//!   change at the question's key in that layer.
+//! - `reproduce`: the candidate's own output change at the name tokens and last token of each question.
+//!
+//! The served weight change is the one matrix meeting every accepted document's requirements at once while changing
+//! nothing on the protected keys (known facts, reading, skills: `C0`, weighted `lambda`), and small:
 //!
 //! `dW = (sum_i R_i K_i^T) (sum_i K_i K_i^T + lambda C0 / |C0| + mu I)^-1`
 //!
 //! The two sums are fixed-size (`out x in`, `in x in`), so an injection costs the same at N=1000 as at N=1. The
-//! version appended is the difference between the new and the previous solution (a dense delta, stored as factors
-//! of rank `out`). This is what removes the failure of naive accumulation on hypernetwork deltas: their large
-//! person-independent component is shared by every requirement and is paid once, not N times.
+//! version appended is the difference between the new and the previous solution, in exact factors. This removes
+//! the failure of naive accumulation on hypernetwork deltas (their large person-independent part is never added);
+//! what it cannot remove is the ceiling of one layer's key space (ARCHITECTURE.md, "Composition, measured").
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -122,8 +127,8 @@ pub struct Memit {
     tokenizer: Tokenizer,
     base: Llama,
     layers: Vec<LayerState>,
-    /// Requirements of the candidate being composed, committed by `accepted`.
-    /// and the solution including them.
+    /// Per layer, the requirements of the candidate being composed (`K K^T`, `R K^T`) and the solution including
+    /// them; committed by `accepted`, dropped when the next candidate is composed (a rejected one).
     pending: Option<Vec<(DMatrix<f64>, DMatrix<f64>, DMatrix<f64>)>>,
     profile: bool,
 }
