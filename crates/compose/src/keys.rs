@@ -9,6 +9,19 @@ use nalgebra::DMatrix;
 
 const BATCH: usize = 32;
 
+/// Token rows right-padded with `pad` into one `rows x t` tensor, and `t`. A causal model never looks right, so
+/// padding changes nothing at the real positions.
+pub fn padded<'a>(
+    rows: impl ExactSizeIterator<Item = &'a [u32]> + Clone,
+    pad: u32,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, usize)> {
+    let n = rows.len();
+    let t = rows.clone().map(<[u32]>::len).max().unwrap_or(1);
+    let flat: Vec<u32> = rows.flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(t)).collect();
+    Ok((Tensor::from_vec(flat, (n, t), dev)?, t))
+}
+
 /// Runs `texts` through `model` and hands each batch's keys to `sink(layer, keys)`, `keys` being `tokens x in`
 /// (padding removed).
 fn for_each_key_batch(
@@ -30,10 +43,7 @@ fn for_each_key_batch(
     let opts =
         ForwardOptions { kernels: Kernels::Fused, capture_mlp_hidden: true, last_only: true, ..Default::default() };
     for batch in rows.chunks(BATCH) {
-        let t = batch.iter().map(Vec::len).max().unwrap_or(1);
-        let flat: Vec<u32> =
-            batch.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(t)).collect();
-        let ids = Tensor::from_vec(flat, (batch.len(), t), model.device())?;
+        let (ids, t) = padded(batch.iter().map(Vec::as_slice), pad, model.device())?;
         let keep: Vec<u32> =
             batch.iter().enumerate().flat_map(|(i, r)| (0..r.len()).map(move |p| (i * t + p) as u32)).collect();
         let keep = Tensor::new(keep.as_slice(), model.device())?;

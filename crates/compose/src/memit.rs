@@ -27,7 +27,7 @@ use engram_world::World;
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
 
-use crate::keys::second_moment;
+use crate::keys::{padded, second_moment};
 use crate::nullspace::protected_texts;
 use crate::Strategy;
 
@@ -112,6 +112,9 @@ impl std::str::FromStr for Site {
     }
 }
 
+/// One layer's requirements from one document: `(K K^T, R K^T)`.
+type Requirement = (DMatrix<f64>, DMatrix<f64>);
+
 struct LayerState {
     /// `sum R_i K_i^T`, `out x in`.
     s: DMatrix<f64>,
@@ -129,7 +132,7 @@ pub struct Memit {
     layers: Vec<LayerState>,
     /// Per layer, the requirements of the candidate being composed (`K K^T`, `R K^T`) and the solution including
     /// them; committed by `accepted`, dropped when the next candidate is composed (a rejected one).
-    pending: Option<Vec<(DMatrix<f64>, DMatrix<f64>, DMatrix<f64>)>>,
+    pending: Option<Vec<(Requirement, DMatrix<f64>)>>,
     profile: bool,
 }
 
@@ -187,7 +190,7 @@ impl Memit {
     }
 
     /// Each layer's `(K K^T, R K^T)` for `candidate` on the questions about the people `document` names.
-    fn requirements(&self, document: &str, candidate: &Delta) -> Result<Vec<(DMatrix<f64>, DMatrix<f64>)>> {
+    fn requirements(&self, document: &str, candidate: &Delta) -> Result<Vec<Requirement>> {
         let names = self.world.names_in(document);
         if names.is_empty() {
             bail!("the document names nobody; the memit strategy has no questions to fit");
@@ -210,12 +213,9 @@ impl Memit {
         let dev = self.base.device();
         let lora = LoraSet::from_delta(candidate, dev)?;
         let pad = self.tokenizer.token_to_id("<pad>").context("tokenizer has no <pad>")?;
-        let t = rows.iter().map(Vec::len).max().unwrap_or(1);
-        let flat: Vec<u32> =
-            rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(pad)).take(t)).collect();
+        let (ids, t) = padded(rows.iter().map(Vec::as_slice), pad, dev)?;
         let keep: Vec<u32> =
             at.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |&p| (i * t + p) as u32)).collect();
-        let ids = Tensor::from_vec(flat, (rows.len(), t), dev)?;
         let keep = Tensor::new(keep.as_slice(), dev)?;
         let opts = ForwardOptions {
             lora: Some(&lora),
@@ -259,7 +259,7 @@ impl Strategy for Memit {
         for (layer, ((kk, rk), st)) in req.into_iter().zip(&self.layers).enumerate() {
             if rk.iter().all(|&x| x == 0.0) && st.s.iter().all(|&x| x == 0.0) {
                 // A layer nobody asked anything of stays as it is.
-                pending.push((kk, rk, st.dw.clone()));
+                pending.push(((kk, rk), st.dw.clone()));
                 continue;
             }
             let c = &st.c + &kk;
@@ -280,7 +280,7 @@ impl Strategy for Memit {
                 dense.extend(diff.row(i).iter().map(|&x| x as f32));
             }
             adapters.insert((layer, down.to_string()), Factors::exact(inp, out, dense)?);
-            pending.push((kk, rk, dw));
+            pending.push(((kk, rk), dw));
         }
         self.pending = Some(pending);
         let meta = engram_lora::Meta {
@@ -293,7 +293,7 @@ impl Strategy for Memit {
 
     fn accepted(&mut self, _head: &Llama, _document: &str) -> Result<()> {
         let req = self.pending.take().context("accepted without a composed candidate")?;
-        for ((kk, rk, dw), st) in req.into_iter().zip(self.layers.iter_mut()) {
+        for (((kk, rk), dw), st) in req.into_iter().zip(self.layers.iter_mut()) {
             st.c += kk;
             st.s += rk;
             st.dw = dw;
@@ -312,7 +312,7 @@ impl Memit {
     /// leaving the top edited layer, after which the current `head` gives those answers; each edited layer is then
     /// required to add `v / layers` at the name's keys. One `v` per person serves every question (the person's
     /// representation carries all attributes), which is also why it generalises to unseen phrasings.
-    fn locate(&self, head: &Llama, document: &str, candidate: &Delta) -> Result<Vec<(DMatrix<f64>, DMatrix<f64>)>> {
+    fn locate(&self, head: &Llama, document: &str, candidate: &Delta) -> Result<Vec<Requirement>> {
         let names = self.world.names_in(document);
         if names.is_empty() {
             bail!("the document names nobody; the memit strategy has no questions to fit");
@@ -324,7 +324,7 @@ impl Memit {
         let lora = LoraSet::from_delta(candidate, &dev)?;
         let top = *self.cfg.layers.iter().max().context("memit needs at least one edited layer")?;
         let (inp, out) = Module::Down.dims(head.config());
-        let mut totals: Vec<(DMatrix<f64>, DMatrix<f64>)> =
+        let mut totals: Vec<Requirement> =
             self.cfg.layers.iter().map(|_| (DMatrix::zeros(inp, inp), DMatrix::zeros(out, inp))).collect();
         for name in &names {
             let name_ids = engram_model::encode(tok, name)?;
@@ -346,18 +346,15 @@ impl Memit {
             if rows.is_empty() {
                 continue;
             }
-            let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
             let b = rows.len();
-            let flat: Vec<u32> =
-                rows.iter().flat_map(|r| r.0.iter().copied().chain(std::iter::repeat(pad)).take(t)).collect();
-            let ids = Tensor::from_vec(flat, (b, t), &dev)?;
+            let (ids, t) = padded(rows.iter().map(|r| r.0.as_slice()), pad, &dev)?;
             let mut onehot = vec![0f32; b * t];
             let (mut at, mut targets) = (Vec::new(), Vec::new());
             for (i, (r, subject, answer_at)) in rows.iter().enumerate() {
                 onehot[i * t + subject] = 1.0;
-                for p in *answer_at..r.len() {
+                for (p, &token) in r.iter().enumerate().skip(*answer_at) {
                     at.push((i * t + p - 1) as u32);
-                    targets.push(r[p]);
+                    targets.push(token);
                 }
             }
             let onehot = Tensor::from_vec(onehot, (b, t, 1), &dev)?;
