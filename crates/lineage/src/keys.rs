@@ -6,6 +6,8 @@
 //! {prefix}/log/{namespace}/{seq}         version id, in creation order
 //! {prefix}/events/{namespace}/{seq}      append-only history
 //! {prefix}/tags/{namespace}/{tag}        version id
+//! {prefix}/jobs/{job}                    consolidation job (documents, state, attempts)
+//! {prefix}/idempotency/{namespace}/{h}   job id, under the SHA-256 of the client's idempotency key
 //! ```
 //! Sequence numbers are zero-padded so key order is numeric order.
 
@@ -64,5 +66,17 @@ impl Keys {
 
     pub fn tag(&self, ns: &str, tag: &str) -> String {
         format!("{}/tags/{ns}/{tag}", self.prefix)
+    }
+
+    pub fn jobs(&self) -> String {
+        format!("{}/jobs/", self.prefix)
+    }
+
+    pub fn job(&self, id: &str) -> String {
+        format!("{}/jobs/{id}", self.prefix)
+    }
+
+    pub fn idempotency(&self, ns: &str, key_digest: &str) -> String {
+        format!("{}/idempotency/{ns}/{key_digest}", self.prefix)
     }
 }

@@ -16,6 +16,7 @@ pub mod blob;
 pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod jobs;
 pub mod keys;
 #[cfg(feature = "etcd")]
 pub mod local_etcd;
@@ -29,6 +30,7 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 pub use blob::BlobStore;
+pub use jobs::{Job, JobOptions, JobState, JobTimings};
 pub use keys::Keys;
 pub use ops::{Applied, Op};
 pub use types::*;
@@ -173,6 +175,33 @@ pub trait LineageStore: Send + Sync + 'static {
         let prefix = self.keys().tags(namespace);
         let rows = self.scan(&prefix, None, false).await?;
         rows.iter().map(|(k, v)| Ok((k[prefix.len()..].to_string(), decode(k, v)?))).collect()
+    }
+
+    /// Records `job` durably, or returns the job already submitted under its idempotency key; `true` when new.
+    async fn submit_job(&self, job: Job) -> Result<(Job, bool)> {
+        match self.apply(Op::SubmitJob(job)).await? {
+            Applied::Job(j, created) => Ok((j, created)),
+            other => unreachable!("submit job returned {other:?}"),
+        }
+    }
+
+    /// Replaces `job`'s record if it is still `expected_state` at `expected_attempts`.
+    async fn update_job(&self, job: Job, expected_state: JobState, expected_attempts: u32) -> Result<Job> {
+        match self.apply(Op::UpdateJob { job, expected_state, expected_attempts }).await? {
+            Applied::Job(j, _) => Ok(j),
+            other => unreachable!("update job returned {other:?}"),
+        }
+    }
+
+    async fn job(&self, id: &str) -> Result<Job> {
+        jobs::validate_job_id(id)?;
+        get_json(self, &self.keys().job(id)).await?.ok_or_else(|| Error::NotFound(format!("job {id}")))
+    }
+
+    /// Every job, oldest first.
+    async fn jobs(&self) -> Result<Vec<Job>> {
+        let rows = self.scan(&self.keys().jobs(), None, false).await?;
+        rows.iter().map(|(k, v)| decode(k, v)).collect()
     }
 
     /// The namespace's versions, newest first.

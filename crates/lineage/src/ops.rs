@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::jobs::{idempotency_digest, Job, JobState};
 use crate::keys::Keys;
 use crate::types::*;
 use crate::{Error, Result};
@@ -49,6 +50,15 @@ pub enum Op {
         version: VersionId,
         actor: String,
     },
+    /// Records a queued job, unless its namespace already has a job under the same idempotency key (then that job
+    /// is returned unchanged).
+    SubmitJob(Job),
+    /// Replaces a job record, if it is still in `expected_state` at `expected_attempts` (fencing stale writers).
+    UpdateJob {
+        job: Job,
+        expected_state: JobState,
+        expected_attempts: u32,
+    },
 }
 
 /// What an operation produced.
@@ -57,6 +67,8 @@ pub enum Applied {
     Namespace(Namespace),
     Version(Version),
     Head(HeadChange),
+    /// A job, and whether this operation created it.
+    Job(Job, bool),
 }
 
 /// Point reads an operation can make.
@@ -187,6 +199,7 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
                 document_digests: new.document_digests.clone(),
                 gate_metrics: new.gate_metrics.clone(),
                 compacts: new.compacts.clone(),
+                composer_state: new.composer_state.clone(),
                 created_at_ms: now_ms(),
                 creator: new.creator.clone(),
                 status: Status::Candidate,
@@ -293,6 +306,37 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
             tx.event(keys, &mut ns, actor, None, EventKind::Tagged { tag: tag.clone(), version: version.clone() });
             tx.put(keys.namespace(&ns.name), &ns);
             Ok(Applied::Version(v))
+        }
+        Op::SubmitJob(job) => {
+            // Jobs never touch the namespace record: submissions do not contend with head moves or each other.
+            tx.namespace(keys, &job.namespace).await?;
+            let index = keys.idempotency(&job.namespace, &idempotency_digest(&job.idempotency_key));
+            if let Some(id) = tx.get::<String>(&index).await? {
+                let existing: Job =
+                    tx.get(&keys.job(&id)).await?.ok_or_else(|| Error::Corrupt(format!("{index} names job {id}")))?;
+                return Ok(Applied::Job(existing, false));
+            }
+            if tx.get::<Job>(&keys.job(&job.id)).await?.is_some() {
+                return Err(Error::AlreadyExists(format!("job {}", job.id)));
+            }
+            tx.put(index, &job.id);
+            tx.put(keys.job(&job.id), job);
+            Ok(Applied::Job(job.clone(), true))
+        }
+        Op::UpdateJob { job, expected_state, expected_attempts } => {
+            let cur: Job =
+                tx.get(&keys.job(&job.id)).await?.ok_or_else(|| Error::NotFound(format!("job {}", job.id)))?;
+            if cur.state != *expected_state || cur.attempts != *expected_attempts {
+                return Err(Error::Conflict(format!(
+                    "job {} is {:?} at attempt {}, not {:?} at attempt {}",
+                    job.id, cur.state, cur.attempts, expected_state, expected_attempts
+                )));
+            }
+            if cur.state.is_final() {
+                return Err(Error::Conflict(format!("job {} is already final ({:?})", job.id, cur.state)));
+            }
+            tx.put(keys.job(&job.id), job);
+            Ok(Applied::Job(job.clone(), false))
         }
     }
 }

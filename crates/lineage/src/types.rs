@@ -125,6 +125,10 @@ pub struct NewVersion {
     /// promoted while the last of them is the head, and serves what that one served.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compacts: Vec<VersionId>,
+    /// Blob hash of the composition strategy's state after this version (what the next delta is composed from),
+    /// so any worker can continue the chain from any version, rollbacks included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composer_state: Option<String>,
 }
 
 /// An immutable version (only `status` changes, through head moves and rejection).
@@ -144,6 +148,9 @@ pub struct Version {
     /// those versions can still be restored exactly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compacts: Vec<VersionId>,
+    /// See [`NewVersion::composer_state`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composer_state: Option<String>,
     pub created_at_ms: u64,
     pub creator: String,
     pub status: Status,

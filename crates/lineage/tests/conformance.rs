@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engram_lineage::local_etcd::LocalEtcd;
-use engram_lineage::{blob::digest, Error, EventKind, LineageStore, NewVersion, Status, VersionId};
+use engram_lineage::{
+    blob::digest, Error, EventKind, Job, JobOptions, JobState, LineageStore, NewVersion, Status, VersionId,
+};
 
 enum Backend {
     Embedded(tempfile::TempDir),
@@ -68,7 +70,7 @@ fn new_version(ns: &str, parent: Option<&VersionId>, delta: &str) -> NewVersion 
         document_digests: vec![digest(b"doc")],
         gate_metrics: [("known_recall".to_string(), 0.97)].into(),
         creator: "tester".into(),
-        compacts: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -221,6 +223,42 @@ mod suite {
         assert!(events.windows(2).all(|w| w[0].seq == w[1].seq + 1));
     }
 
+    pub async fn jobs_are_idempotent_and_fenced(h: Harness) {
+        let s = h.store();
+        let job = |key: &str| Job::new("ns", key, vec!["<doc> a </doc>".into()], JobOptions::default(), "t");
+        // Unknown namespace: refused, nothing recorded.
+        assert!(matches!(s.submit_job(job("k1")).await, Err(Error::NotFound(_))));
+        s.create_namespace("ns", "base", "t").await.unwrap();
+        let (a, created) = s.submit_job(job("k1")).await.unwrap();
+        assert!(created);
+        assert_eq!(a.document_digests, vec![digest(b"<doc> a </doc>")]);
+        // The same key again, even with other documents: the first job, unchanged.
+        let mut again = job("k1");
+        again.documents = vec!["other".into()];
+        let (b, created) = s.submit_job(again).await.unwrap();
+        assert!(!created);
+        assert_eq!(b, a);
+        let (c, _) = s.submit_job(job("k2")).await.unwrap();
+        assert_ne!(c.id, a.id);
+        assert_eq!(s.jobs().await.unwrap().len(), 2);
+        assert_eq!(s.job(&a.id).await.unwrap(), a);
+        // A hand-out moves it to running at attempt 1; a writer still expecting attempt 0 is refused.
+        let mut run = a.clone();
+        run.state = JobState::Running;
+        run.attempts = 1;
+        s.update_job(run.clone(), JobState::Queued, 0).await.unwrap();
+        let mut stale = a.clone();
+        stale.state = JobState::Failed;
+        assert!(matches!(s.update_job(stale, JobState::Queued, 0).await, Err(Error::Conflict(_))));
+        let mut done = run.clone();
+        done.state = JobState::Live;
+        s.update_job(done.clone(), JobState::Running, 1).await.unwrap();
+        // Final is final.
+        assert!(matches!(s.update_job(run, JobState::Live, 1).await, Err(Error::Conflict(_))));
+        assert_eq!(s.job(&a.id).await.unwrap().state, JobState::Live);
+        assert!(matches!(s.job("../x").await, Err(Error::Invalid(_))));
+    }
+
     pub async fn compaction_replaces_a_chain_and_rollback_walks_through_it(h: Harness) {
         let s = h.store();
         let ids = chain(&s, "ns", 4).await;
@@ -370,7 +408,7 @@ macro_rules! conformance {
             use super::*;
             conformance!(@tests $open; namespaces, versions_log_and_ancestry, promote_is_compare_and_swap,
                 concurrent_writers_race_for_one_head, rollback_keeps_history,
-                compaction_replaces_a_chain_and_rollback_walks_through_it, tags_and_resolution,
+                compaction_replaces_a_chain_and_rollback_walks_through_it, tags_and_resolution, jobs_are_idempotent_and_fenced,
                 watchers_see_every_move_in_order, survives_restart, watch_resumes_after_reconnect);
         }
     };
