@@ -13,6 +13,7 @@ pub mod memit;
 pub mod nullspace;
 pub mod plot;
 pub mod sequential;
+pub mod state;
 
 use anyhow::{bail, Result};
 use engram_lora::Delta;
@@ -32,6 +33,19 @@ pub trait Strategy {
     /// Protected directions per layer (0 for strategies that protect nothing).
     fn protected_dims(&self) -> Vec<usize> {
         Vec::new()
+    }
+    /// What the next `compose` builds on, as bytes (empty for a stateless strategy), so another process can
+    /// continue the chain with [`Strategy::restore`].
+    fn save(&self) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    /// Replaces the state with one `save` wrote (after the same accepted versions).
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            bail!("the {} strategy keeps no state, but {} bytes of state were given", self.name(), state.len())
+        }
     }
 }
 

@@ -300,6 +300,35 @@ impl Strategy for Memit {
         }
         Ok(())
     }
+
+    fn save(&self) -> Result<Vec<u8>> {
+        // Only edited layers carry state; the others keep their initial (identity, zero) matrices.
+        let mut mats = Vec::new();
+        for &l in &self.cfg.layers {
+            let st = &self.layers[l];
+            mats.extend([&st.s, &st.c, &st.dw]);
+        }
+        Ok(crate::state::encode(self.name(), &mats))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mats = crate::state::decode(self.name(), state)?;
+        if mats.len() != 3 * self.cfg.layers.len() {
+            bail!("memit state holds {} matrices; this configuration edits {} layers", mats.len(), self.cfg.layers.len());
+        }
+        for (&l, m) in self.cfg.layers.iter().zip(mats.chunks_exact(3)) {
+            let st = &self.layers[l];
+            if m[0].shape() != st.s.shape() || m[1].shape() != st.c.shape() || m[2].shape() != st.dw.shape() {
+                bail!("memit state for layer {l} has the wrong shapes for this model");
+            }
+        }
+        for (&l, m) in self.cfg.layers.iter().zip(mats.chunks_exact(3)) {
+            let st = &mut self.layers[l];
+            (st.s, st.c, st.dw) = (m[0].clone(), m[1].clone(), m[2].clone());
+        }
+        self.pending = None;
+        Ok(())
+    }
 }
 
 impl Memit {

@@ -237,6 +237,19 @@ impl Strategy for NullSpace {
     fn protected_dims(&self) -> Vec<usize> {
         self.bases.iter().map(Basis::dims).collect()
     }
+
+    fn save(&self) -> Result<Vec<u8>> {
+        Ok(crate::state::encode(self.name(), &self.bases.iter().map(|b| &b.u).collect::<Vec<_>>()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mats = crate::state::decode(self.name(), state)?;
+        if mats.len() != self.bases.len() || mats.iter().zip(&self.bases).any(|(m, b)| m.nrows() != b.u.nrows()) {
+            bail!("nullspace state does not fit this model's layers");
+        }
+        self.bases = mats.into_iter().map(|u| Basis { u }).collect();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -72,3 +72,33 @@ fn the_gate_rejects_a_damaging_candidate_and_passes_a_composed_one() {
     let verdict = gate.check(&head, &base.tokenizer).unwrap();
     assert!(verdict.passed, "one composed edit failed the gate: {verdict:?}");
 }
+
+#[test]
+fn a_restored_memit_state_composes_exactly_what_the_original_would() {
+    let base = base();
+    let world = World::new();
+    let injector = HyperInjector::load(&root().join("models/hypernet"), base).unwrap();
+    let mut rng = Rng::derive(11, 3);
+    let people = world.new_people(&mut rng, 3);
+    let docs: Vec<String> = people.iter().map(|p| world.document(&mut rng, std::slice::from_ref(p), false)).collect();
+    let mut first = Memit::new(&base.llama, &base.tokenizer, MemitConfig::default()).unwrap();
+    let initial = first.save().unwrap();
+    let mut head = base.llama.clone();
+    for doc in &docs[..2] {
+        let d = first.compose(&head, doc, injector.inject(doc).unwrap().delta).unwrap();
+        head = head.merged(&[&d]).unwrap();
+        first.accepted(&head, doc).unwrap();
+    }
+    // A second worker: fresh, then given the saved state (as a worker continuing another's chain would be).
+    let mut second = Memit::new(&base.llama, &base.tokenizer, MemitConfig::default()).unwrap();
+    second.restore(&first.save().unwrap()).unwrap();
+    let candidate = injector.inject(&docs[2]).unwrap().delta;
+    let a = first.compose(&head, &docs[2], candidate.clone()).unwrap();
+    let b = second.compose(&head, &docs[2], candidate.clone()).unwrap();
+    assert_eq!(a, b, "a restored state composed a different delta");
+    // Back to the initial state: the same as a fresh strategy on the base model.
+    second.restore(&initial).unwrap();
+    assert_eq!(second.save().unwrap(), initial);
+    assert_ne!(first.save().unwrap(), initial);
+    assert!(Naive.restore(&initial).is_err(), "naive accepted memit's state");
+}
