@@ -181,6 +181,17 @@ impl BaseModel {
         encode(&self.tokenizer, text)
     }
 
+    /// Checks a delta before it may touch these weights: made for this model (by hash), shapes and layers that
+    /// exist, finite values, rank at most the weight's smaller side, per-layer norm at most `1e4`.
+    pub fn check_delta(&self, delta: &engram_lora::Delta) -> Result<()> {
+        let cfg = self.llama.config();
+        let shape = |m: &str| Module::from_path(m).map(|m| m.dims(cfg));
+        let max_rank = Module::ALL.iter().map(|m| { let (i, o) = m.dims(cfg); i.min(o) }).max().unwrap_or(0);
+        delta
+            .validate(&self.hash, cfg.num_hidden_layers, shape, max_rank, 1e4)
+            .map_err(|e| ModelError::Lora(e.to_string()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, false).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }

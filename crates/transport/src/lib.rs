@@ -1,0 +1,273 @@
+//! How a version's delta reaches the serving replicas.
+//!
+//! Staging is two-phase whatever the transport: a [`Broadcaster`] stages the delta on every replica (each prepares
+//! the new weights beside the served ones), then the coordinator moves the head with one compare-and-swap and the
+//! replicas switch. [`GrpcStream`] streams the delta to each replica in checksummed chunks; the receiving side
+//! verifies them with an [`Assembler`]. A replica that joined late or missed a version fetches what it lacks from the
+//! blob store ([`pull`]).
+#![forbid(unsafe_code)]
+
+pub mod pull;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use engram_proto::v1::{replica_client::ReplicaClient, StageAck, StageChunk};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint};
+
+/// Default chunk size: small enough to checksum and resume at fine grain, large enough that per-message overhead
+/// stays below a percent.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// One version to stage.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    pub namespace: String,
+    pub version: String,
+    /// The version's ancestors, nearest first (empty: its parent is the bare base model).
+    pub chain: Vec<String>,
+    pub bytes: Bytes,
+    /// SHA-256 (hex) of `bytes`.
+    pub hash: String,
+}
+
+/// A replica to stage on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub id: String,
+    /// `http://host:port` of its Replica service.
+    pub address: String,
+}
+
+#[async_trait]
+pub trait Broadcaster: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Stages `item` on every target within `timeout`; one outcome per target, in order.
+    async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>>;
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The chunks of `item`, each with its checksum; the last carries the whole delta's hash and size.
+pub fn chunks(item: &Staging, chunk_bytes: usize) -> Vec<StageChunk> {
+    let total = item.bytes.len();
+    let n = total.div_ceil(chunk_bytes).max(1);
+    (0..n)
+        .map(|i| {
+            let (lo, hi) = (i * chunk_bytes, ((i + 1) * chunk_bytes).min(total));
+            let data = item.bytes.slice(lo..hi);
+            let last = i + 1 == n;
+            StageChunk {
+                namespace: item.namespace.clone(),
+                version: item.version.clone(),
+                // The chain travels once, with the first chunk.
+                chain: if i == 0 { item.chain.clone() } else { Vec::new() },
+                offset: lo as u64,
+                chunk_sha256: sha256(&data),
+                data: data.to_vec(),
+                last,
+                delta_sha256: if last { item.hash.clone() } else { String::new() },
+                total_bytes: if last { total as u64 } else { 0 },
+            }
+        })
+        .collect()
+}
+
+/// Receives one version's chunks in order and checks every one of them and the whole.
+#[derive(Default)]
+pub struct Assembler {
+    namespace: String,
+    version: String,
+    chain: Vec<String>,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+/// A fully received, verified delta.
+#[derive(Debug)]
+pub struct Received {
+    pub namespace: String,
+    pub version: String,
+    pub chain: Vec<String>,
+    pub bytes: Vec<u8>,
+}
+
+impl Assembler {
+    /// Bytes received intact so far.
+    pub fn received(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// Takes the next chunk; returns the delta when it was the last.
+    pub fn push(&mut self, c: StageChunk) -> Result<Option<Received>> {
+        if self.done {
+            bail!("chunk after the last one");
+        }
+        if self.buf.is_empty() && self.version.is_empty() {
+            if c.version.is_empty() || c.namespace.is_empty() {
+                bail!("the first chunk must name the namespace and version");
+            }
+            self.namespace = c.namespace.clone();
+            self.version = c.version.clone();
+            self.chain = c.chain.clone();
+        } else if c.version != self.version || c.namespace != self.namespace {
+            bail!("chunk for {}/{} in a stream of {}/{}", c.namespace, c.version, self.namespace, self.version);
+        }
+        if c.offset != self.buf.len() as u64 {
+            bail!("chunk at offset {} but {} bytes received so far", c.offset, self.buf.len());
+        }
+        let actual = sha256(&c.data);
+        if actual != c.chunk_sha256 {
+            bail!("chunk at offset {} is corrupt: its SHA-256 is {actual}, the sender's {}", c.offset, c.chunk_sha256);
+        }
+        self.buf.extend_from_slice(&c.data);
+        if !c.last {
+            return Ok(None);
+        }
+        self.done = true;
+        if c.total_bytes != self.buf.len() as u64 {
+            bail!("the delta is {} bytes, {} arrived", c.total_bytes, self.buf.len());
+        }
+        let whole = sha256(&self.buf);
+        if whole != c.delta_sha256 {
+            bail!("the delta's SHA-256 is {whole}, the sender's {}", c.delta_sha256);
+        }
+        Ok(Some(Received {
+            namespace: std::mem::take(&mut self.namespace),
+            version: std::mem::take(&mut self.version),
+            chain: std::mem::take(&mut self.chain),
+            bytes: std::mem::take(&mut self.buf),
+        }))
+    }
+}
+
+/// Streams the delta to every replica at once over gRPC, in checksummed chunks.
+pub struct GrpcStream {
+    chunk_bytes: usize,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Default for GrpcStream {
+    fn default() -> Self {
+        Self::new(CHUNK_BYTES)
+    }
+}
+
+impl GrpcStream {
+    pub fn new(chunk_bytes: usize) -> Self {
+        Self { chunk_bytes: chunk_bytes.max(1), channels: Mutex::new(HashMap::new()) }
+    }
+
+    /// A lazily connecting channel per address, reused across stagings.
+    pub fn channel(&self, address: &str) -> Result<Channel> {
+        let mut map = self.channels.lock().expect("channel map");
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(address.to_string())
+            .with_context(|| format!("replica address {address:?}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn stage_one(&self, target: &Target, chunks: Vec<StageChunk>) -> Result<StageAck> {
+        let mut client = ReplicaClient::new(self.channel(&target.address)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let ack = client
+            .stage(tokio_stream::iter(chunks))
+            .await
+            .with_context(|| format!("staging on replica {} at {}", target.id, target.address))?;
+        Ok(ack.into_inner())
+    }
+}
+
+#[async_trait]
+impl Broadcaster for GrpcStream {
+    fn name(&self) -> &'static str {
+        "grpc-stream"
+    }
+
+    async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
+        let chunks = chunks(item, self.chunk_bytes);
+        let each = targets.iter().map(|t| {
+            let chunks = chunks.clone();
+            async move {
+                match tokio::time::timeout(timeout, self.stage_one(t, chunks)).await {
+                    Ok(r) => r,
+                    Err(_) => bail!("replica {} did not stage within {timeout:?}", t.id),
+                }
+            }
+        });
+        futures::future::join_all(each).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(bytes: &[u8]) -> Staging {
+        Staging {
+            namespace: "ns".into(),
+            version: "v".into(),
+            chain: vec!["p".into()],
+            bytes: Bytes::copy_from_slice(bytes),
+            hash: sha256(bytes),
+        }
+    }
+
+    #[test]
+    fn chunks_reassemble_and_corruption_is_named() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let cs = chunks(&item(&data), 3000);
+        assert_eq!(cs.len(), 4);
+        assert!(cs[1].chain.is_empty() && cs[3].last && !cs[2].last);
+        let mut a = Assembler::default();
+        let mut out = None;
+        for c in cs.clone() {
+            out = a.push(c).unwrap();
+        }
+        let r = out.expect("the last chunk completes the delta");
+        assert_eq!((r.bytes, r.chain, r.version.as_str()), (data.clone(), vec!["p".to_string()], "v"));
+
+        let mut bad = cs.clone();
+        bad[2].data[5] ^= 1;
+        let mut a = Assembler::default();
+        let err = bad.into_iter().map(|c| a.push(c)).find_map(Result::err).unwrap();
+        assert!(err.to_string().contains("offset 6000 is corrupt"), "{err}");
+
+        // Missing chunk: the offset no longer lines up.
+        let mut a = Assembler::default();
+        a.push(cs[0].clone()).unwrap();
+        assert!(a.push(cs[2].clone()).unwrap_err().to_string().contains("offset"));
+        // An empty delta is one chunk.
+        let mut a = Assembler::default();
+        assert_eq!(a.push(chunks(&item(b""), 10).remove(0)).unwrap().unwrap().bytes.len(), 0);
+    }
+}
+
+/// An error as a gRPC status: the lineage's kinds map to their codes (a refused request stays a refusal, not an
+/// internal error); anything else is `Internal`. The message keeps the whole context chain.
+pub fn status(e: &anyhow::Error) -> tonic::Status {
+    use engram_lineage::Error as L;
+    let msg = format!("{e:#}");
+    match e.chain().find_map(|c| c.downcast_ref::<L>()) {
+        Some(L::NotFound(_)) => tonic::Status::not_found(msg),
+        Some(L::AlreadyExists(_)) => tonic::Status::already_exists(msg),
+        Some(L::Conflict(_)) => tonic::Status::aborted(msg),
+        Some(L::Invalid(_)) => tonic::Status::invalid_argument(msg),
+        Some(L::Unavailable(_)) => tonic::Status::unavailable(msg),
+        Some(L::Corrupt(_)) | None => tonic::Status::internal(msg),
+    }
+}
