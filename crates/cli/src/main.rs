@@ -1,9 +1,12 @@
-//! `engram`: the all-in-one command. For now: the world, base-model training, evaluation and benchmarks.
+//! `engram`: the all-in-one command: the service (`up`, `demo`, `serve`), the world, training, evaluation and
+//! benchmarks.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+
+mod service;
 use engram_world::{Phrasing, Rng, SkillTask, Split, World};
 
 // candle allocates a fresh buffer per op; glibc's malloc page-faults on every one of them.
@@ -20,14 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The main job on embedded defaults: evaluate the shipped base model and show it answering.
-    Demo {
-        #[command(flatten)]
-        args: ModelArgs,
-        /// Probes per suite.
-        #[arg(long, default_value_t = 100)]
-        items: usize,
-    },
+    /// The main job on embedded defaults: a cluster in this process learns a fresh fact from a document, answers
+    /// it with no document in context, and forgets it again on rollback; every answer names its version.
+    Demo(service::DemoArgs),
+    /// Coordinator, workers and replicas in one process on embedded defaults (redb lineage, local blob dir).
+    Up(service::UpArgs),
+    /// Run one service process.
+    #[command(subcommand)]
+    Serve(service::Serve),
     /// The synthetic knowledge world.
     #[command(subcommand)]
     World(WorldCommand),
@@ -388,7 +391,10 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Demo { args, items } | Command::Eval(EvalCommand::Base { args, items }) => {
+        Command::Demo(a) => service::demo(a),
+        Command::Up(a) => service::run_up(a),
+        Command::Serve(s) => service::serve(s),
+        Command::Eval(EvalCommand::Base { args, items }) => {
             let base = load(&args.model)?;
             let world = World::new();
             let report = engram_eval::evaluate_base(&base.llama, &base.tokenizer, &world, args.seed, items, |d, n| {

@@ -24,7 +24,7 @@ pub use memit::{Memit, MemitConfig};
 pub use nullspace::{NullSpace, NullSpaceConfig};
 
 /// How a candidate delta joins a namespace's chain.
-pub trait Strategy {
+pub trait Strategy: Send {
     fn name(&self) -> &'static str;
     /// The delta to append for `candidate` (made from `document`), given the current `head` state.
     fn compose(&mut self, head: &Llama, document: &str, candidate: Delta) -> Result<Delta>;

@@ -325,6 +325,11 @@ impl Coordinator {
             base_model: namespace.base_model,
             head: j.base_head.as_ref().map(|h| h.to_string()).unwrap_or_default(),
             attempt: j.attempts,
+            options: Some(pb::ConsolidateOptions {
+                rank: j.options.rank,
+                force: j.options.force,
+                injector: j.options.injector.clone(),
+            }),
         })
     }
 
