@@ -97,6 +97,9 @@ pub struct EngineArgs {
     /// cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Cache of the strategy's initial state per base model (measuring its protected keys takes ~30 s).
+    #[arg(long, env = "ENGRAM_CACHE", default_value = ".engram/cache")]
+    cache: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -172,6 +175,7 @@ fn worker_config(id: String, coordinator: String, e: &EngineArgs) -> engram_work
         gate_items: e.gate_items,
         injector: e.injector.clone(),
         hypernet: e.hypernet.clone(),
+        cache: Some(e.cache.clone()),
     }
 }
 
@@ -240,7 +244,6 @@ pub fn serve(cmd: Serve) -> Result<()> {
 pub struct Up {
     pub coordinator: String,
     pub replicas: Vec<String>,
-    pub base: &'static BaseModel,
     pub namespace: String,
 }
 
@@ -295,7 +298,7 @@ pub async fn up(a: &UpArgs) -> Result<Up> {
         let w = engram_worker::Worker::new(cfg, Arc::new(e), store.clone(), blobs.clone());
         tokio::spawn(async move { w.run(Arc::new(AtomicBool::new(false))).await });
     }
-    Ok(Up { coordinator, replicas, base, namespace: a.namespace.clone() })
+    Ok(Up { coordinator, replicas, namespace: a.namespace.clone() })
 }
 
 fn base_clone(b: &BaseModel) -> BaseModel {
@@ -324,6 +327,10 @@ pub struct DemoArgs {
 
 /// Before, consolidate, after, log, rollback, after rollback: what Engram is for, in one run.
 pub fn demo(mut a: DemoArgs) -> Result<()> {
+    if std::env::var_os("ENGRAM_LOG").is_none() {
+        // The story is the output; service logs only when something is wrong.
+        std::env::set_var("ENGRAM_LOG", "warn");
+    }
     init_tracing();
     // A throwaway cluster on free ports, unless told otherwise.
     let tmp = tempfile::tempdir()?;
@@ -334,7 +341,12 @@ pub fn demo(mut a: DemoArgs) -> Result<()> {
     a.up.replica_listen.set_port(0);
     a.up.namespace = "demo".into();
     tokio::runtime::Runtime::new()?.block_on(async move {
-        println!("starting coordinator, worker and replica (embedded lineage in {}) ...", a.up.dir.display());
+        println!(
+            "starting coordinator, worker and replica (embedded lineage in {}; the first run measures the memit \
+             strategy's protected keys, ~30 s, cached in {}) ...",
+            a.up.dir.display(),
+            a.up.engine.cache.display()
+        );
         let u = up(&a.up).await?;
         let client = engram_sdk::Client::connect(&u.coordinator).await?.with_actor("demo");
         let replicas = engram_sdk::Replicas::connect(&u.replicas).await?;

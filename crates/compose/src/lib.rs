@@ -69,6 +69,21 @@ impl Strategy for Naive {
 /// The strategies by name, as the CLI and the worker name them.
 pub const STRATEGIES: [&str; 3] = ["naive", "nullspace", "memit"];
 
+/// Builds a strategy by name from a state `save` wrote for the same base model and configuration, skipping the
+/// measurement of protected keys (seconds to tens of seconds on a CPU).
+pub fn restored_strategy(name: &str, base: &Llama, tokenizer: &Tokenizer, state: &[u8]) -> Result<Box<dyn Strategy>> {
+    Ok(match name {
+        "naive" => Box::new(Naive),
+        "nullspace" => {
+            let mut s = NullSpace::empty(base, tokenizer, NullSpaceConfig::default());
+            s.restore(state)?;
+            Box::new(s)
+        }
+        "memit" => Box::new(Memit::restored(base, tokenizer, MemitConfig::default(), state)?),
+        other => bail!("unknown strategy {other:?}; expected one of {}", STRATEGIES.join(", ")),
+    })
+}
+
 /// Builds a strategy by name for a namespace whose base model is `base`.
 pub fn strategy(name: &str, base: &Llama, tokenizer: &Tokenizer) -> Result<Box<dyn Strategy>> {
     Ok(match name {

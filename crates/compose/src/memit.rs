@@ -189,6 +189,38 @@ impl Memit {
         })
     }
 
+    /// A strategy whose state comes from `state` (a `save` of a strategy with the same configuration and base
+    /// model) instead of measuring the protected keys again: what a restarting worker does with a cached initial
+    /// state.
+    pub fn restored(base: &Llama, tokenizer: &Tokenizer, cfg: MemitConfig, state: &[u8]) -> Result<Self> {
+        if cfg.mode != Mode::Locate {
+            bail!("memit: only locate mode restores without measuring keys");
+        }
+        let (inp, out) = Module::Down.dims(base.config());
+        let n = base.config().num_hidden_layers;
+        if let Some(l) = cfg.layers.iter().find(|&&l| l >= n) {
+            bail!("memit: layer {l} asked for; the model has {n} layers");
+        }
+        let layers = (0..n)
+            .map(|_| LayerState {
+                s: DMatrix::zeros(out, inp),
+                c: DMatrix::identity(inp, inp),
+                dw: DMatrix::zeros(out, inp),
+            })
+            .collect();
+        let mut m = Self {
+            cfg,
+            world: World::new(),
+            tokenizer: tokenizer.clone(),
+            base: base.clone(),
+            layers,
+            pending: None,
+            profile: std::env::var_os("ENGRAM_PROFILE").is_some(),
+        };
+        m.restore(state)?;
+        Ok(m)
+    }
+
     /// Each layer's `(K K^T, R K^T)` for `candidate` on the questions about the people `document` names.
     fn requirements(&self, document: &str, candidate: &Delta) -> Result<Vec<Requirement>> {
         let names = self.world.names_in(document);

@@ -200,6 +200,13 @@ impl NullSpace {
         Ok(Self { cfg, world, tokenizer: tokenizer.clone(), bases, protected_tokens: tokens })
     }
 
+    /// A strategy with nothing protected yet, to `restore` a saved state into.
+    pub fn empty(base: &Llama, tokenizer: &Tokenizer, cfg: NullSpaceConfig) -> Self {
+        let (inp, _) = Module::Down.dims(base.config());
+        let bases = (0..base.config().num_hidden_layers).map(|_| Basis::empty(inp)).collect();
+        Self { cfg, world: World::new(), tokenizer: tokenizer.clone(), bases, protected_tokens: 0 }
+    }
+
     pub fn bases(&self) -> &[Basis] {
         &self.bases
     }

@@ -36,6 +36,35 @@ pub struct WorkerConfig {
     /// Default injector: `hypernet` or `distill`.
     pub injector: String,
     pub hypernet: PathBuf,
+    /// Where the strategy's initial state is cached per base model (measuring protected keys takes a while);
+    /// `None`: no cache.
+    pub cache: Option<PathBuf>,
+}
+
+/// The strategy on the bare base model: from the cache when it holds one for this model and strategy, else built
+/// (and cached).
+fn initial_strategy(base: &BaseModel, cfg: &WorkerConfig) -> Result<Box<dyn Strategy>> {
+    let file = cfg.cache.as_ref().map(|d| d.join(format!("{}-{}.state", cfg.strategy, &base.hash[..16])));
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            match engram_compose::restored_strategy(&cfg.strategy, &base.llama, &base.tokenizer, &bytes) {
+                Ok(s) => return Ok(s),
+                Err(e) => tracing::warn!("ignoring cached strategy state {}: {e:#}", f.display()),
+            }
+        }
+    }
+    let s = engram_compose::strategy(&cfg.strategy, &base.llama, &base.tokenizer)?;
+    if let Some(f) = &file {
+        // Written aside and renamed, so a concurrent reader never sees half a file.
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::create_dir_all(f.parent().expect("cache file has a directory"))
+            .and_then(|_| std::fs::write(&tmp, s.save().unwrap_or_default()))
+            .and_then(|_| std::fs::rename(&tmp, f));
+        if let Err(e) = written {
+            tracing::warn!("cannot cache the strategy state in {}: {e}", f.display());
+        }
+    }
+    Ok(s)
 }
 
 /// What one job produced.
@@ -68,7 +97,7 @@ impl Engine {
         let hyper = HyperInjector::load(&cfg.hypernet, base)
             .with_context(|| format!("loading the hypernetwork from {}", cfg.hypernet.display()))?;
         let t = Instant::now();
-        let strategy = engram_compose::strategy(&cfg.strategy, &base.llama, &base.tokenizer)?;
+        let strategy = initial_strategy(base, cfg)?;
         let initial = strategy.save()?;
         let gate = if cfg.gate {
             Some(Gate::new(&base.llama, &base.tokenizer, GateConfig { items: cfg.gate_items, ..Default::default() })?)
@@ -93,13 +122,19 @@ impl Engine {
 
     /// Brings the strategy and the head weights to `head` of `namespace`, from the stores when needed.
     async fn prepare(&self, store: &dyn LineageStore, blobs: &BlobStore, namespace: &str, head: Option<&VersionId>) -> Result<()> {
-        let have_head = self.heads.lock().expect("heads").get(namespace).is_some_and(|(h, _)| h.as_ref() == head);
-        if !have_head {
-            let chain = match head {
-                Some(h) => pull::missing(store, blobs, h, |_| false).await?.1,
-                None => Vec::new(),
+        let cached = self.heads.lock().expect("heads").get(namespace).cloned();
+        if cached.as_ref().map(|(h, _)| h.as_ref()) != Some(head) {
+            // Pull only what lies above the weights this worker already holds for the namespace, when they are an
+            // ancestor of the head (another worker made the versions since); else from the base model.
+            let held = cached.as_ref().and_then(|(h, m)| h.clone().map(|h| (h, m.clone())));
+            let (from, chain) = match head {
+                Some(h) => pull::missing(store, blobs, h, |id| held.as_ref().is_some_and(|(c, _)| c == id)).await?,
+                None => (None, Vec::new()),
             };
-            let mut model = self.base.llama.clone();
+            let mut model = match (&from, &held) {
+                (Some(_), Some((_, m))) => (**m).clone(),
+                _ => self.base.llama.clone(),
+            };
             for (v, d) in &chain {
                 self.base.check_delta(d).with_context(|| format!("version {}", v.id.short()))?;
                 model = model.merged(&[d])?;
