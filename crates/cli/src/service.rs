@@ -133,15 +133,17 @@ pub struct UpArgs {
 }
 
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ENGRAM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,engram_coordinator=info,engram_worker=info,engram_replica=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENGRAM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,engram_coordinator=info,engram_worker=info,engram_replica=info")
+    });
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn device(name: &str) -> Result<candle_core::Device> {
     match name {
         "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => candle_core::Device::new_cuda(0).context("--device cuda: no usable CUDA device (or a build without the `cuda` feature)"),
+        "cuda" => candle_core::Device::new_cuda(0)
+            .context("--device cuda: no usable CUDA device (or a build without the `cuda` feature)"),
         other => bail!("--device {other:?}: expected cpu or cuda"),
     }
 }
@@ -194,9 +196,15 @@ pub fn serve(cmd: Serve) -> Result<()> {
         match cmd {
             Serve::Coordinator { listen, stores: s, timing } => {
                 let (store, blobs) = stores(&s.store, &s.blobs).await?;
-                let c = engram_coordinator::Coordinator::new(coordinator_config(&timing), store, blobs, Arc::new(engram_transport::GrpcStream::default()));
+                let c = engram_coordinator::Coordinator::new(
+                    coordinator_config(&timing),
+                    store,
+                    blobs,
+                    Arc::new(engram_transport::GrpcStream::default()),
+                );
                 c.recover().await?;
-                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                let listener =
+                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
                 eprintln!("coordinator listening on {}", listener.local_addr()?);
                 engram_coordinator::serve(c, listener, shutdown_signal()).await
             }
@@ -222,7 +230,8 @@ pub fn serve(cmd: Serve) -> Result<()> {
             }
             Serve::Replica { listen, advertise, coordinator, id, model, cache_versions, stores: s } => {
                 let (store, blobs) = stores(&s.store, &s.blobs).await?;
-                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                let listener =
+                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
                 let addr = listener.local_addr()?;
                 let base = Arc::new(BaseModel::load(&model, &candle_core::Device::Cpu)?);
                 let cfg = engram_replica::ReplicaConfig {
@@ -256,7 +265,11 @@ pub async fn up(a: &UpArgs) -> Result<Up> {
     let base = load_base(&a.engine.model, &dev)?;
     match store.namespace(&a.namespace).await {
         Ok(ns) if ns.base_model != base.hash => {
-            bail!("namespace {:?} is over another base model ({}); pick another --namespace", a.namespace, ns.base_model)
+            bail!(
+                "namespace {:?} is over another base model ({}); pick another --namespace",
+                a.namespace,
+                ns.base_model
+            )
         }
         Ok(_) => {}
         Err(engram_lineage::Error::NotFound(_)) => {
@@ -264,7 +277,12 @@ pub async fn up(a: &UpArgs) -> Result<Up> {
         }
         Err(e) => return Err(e.into()),
     }
-    let c = engram_coordinator::Coordinator::new(coordinator_config(&a.timing), store.clone(), blobs.clone(), Arc::new(engram_transport::GrpcStream::default()));
+    let c = engram_coordinator::Coordinator::new(
+        coordinator_config(&a.timing),
+        store.clone(),
+        blobs.clone(),
+        Arc::new(engram_transport::GrpcStream::default()),
+    );
     c.recover().await?;
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let coordinator = format!("http://{}", listener.local_addr()?);
@@ -309,7 +327,12 @@ pub fn run_up(a: UpArgs) -> Result<()> {
     init_tracing();
     tokio::runtime::Runtime::new()?.block_on(async move {
         let u = up(&a).await?;
-        eprintln!("engram up: coordinator {} · replicas {} · namespace {:?}", u.coordinator, u.replicas.join(", "), u.namespace);
+        eprintln!(
+            "engram up: coordinator {} · replicas {} · namespace {:?}",
+            u.coordinator,
+            u.replicas.join(", "),
+            u.namespace
+        );
         eprintln!("state in {} · Ctrl-C stops", a.dir.display());
         shutdown_signal().await;
         Ok(())
@@ -334,7 +357,7 @@ pub fn demo(mut a: DemoArgs) -> Result<()> {
     init_tracing();
     // A throwaway cluster on free ports, unless told otherwise.
     let tmp = tempfile::tempdir()?;
-    if a.up.dir == PathBuf::from(".engram") {
+    if a.up.dir.as_path() == std::path::Path::new(".engram") {
         a.up.dir = tmp.path().to_path_buf();
     }
     a.up.listen.set_port(0);
@@ -362,7 +385,11 @@ pub fn demo(mut a: DemoArgs) -> Result<()> {
             let (replicas, prompt, truth) = (&replicas, prompt.clone(), truth.clone());
             async move {
                 let r = replicas.generate("demo", &prompt, 8).await?;
-                let version = if r.version.is_empty() { "base model".to_string() } else { format!("version {}", &r.version[..12]) };
+                let version = if r.version.is_empty() {
+                    "base model".to_string()
+                } else {
+                    format!("version {}", &r.version[..12])
+                };
                 let verdict = if r.text == truth { "right" } else { "wrong" };
                 println!("  {label:<16} {:<14} ({verdict}; served by {version})", r.text);
                 anyhow::Ok(r)
@@ -372,20 +399,27 @@ pub fn demo(mut a: DemoArgs) -> Result<()> {
         ask("before:").await?;
         println!("\nconsolidating the document, with no document in any later prompt:\n  {doc}");
         let job = client.consolidate("demo", vec![doc.clone()], &format!("demo-{}", a.seed)).await?;
-        let done = client
-            .watch(&job.id, |j| println!("  job {} {:?}", j.id, j.state()))
-            .await?;
+        let done = client.watch(&job.id, |j| println!("  job {} {:?}", j.id, j.state())).await?;
         if done.state() != engram_sdk::JobState::Live {
             bail!("the job ended {:?}: {}", done.state(), done.error);
         }
-        let t = done.timings.clone().unwrap_or_default();
-        println!("  queue {:.0} ms · inject {:.0} ms · stage {:.0} ms · commit {:.0} ms", t.queue_ms, t.inject_ms, t.stage_ms, t.commit_ms);
+        let t = done.timings.unwrap_or_default();
+        println!(
+            "  queue {:.0} ms · inject {:.0} ms · stage {:.0} ms · commit {:.0} ms",
+            t.queue_ms, t.inject_ms, t.stage_ms, t.commit_ms
+        );
         ask("after:").await?;
         println!("\nengramctl log demo:");
         let log = client.versions("demo", 0).await?;
         for v in &log.versions {
             let head = if v.id == log.head { " <- head" } else { "" };
-            println!("  {}  {:<11} parent {:<12} injector {}{head}", &v.id[..12], v.status, if v.parent.is_empty() { "base" } else { &v.parent[..12] }, v.injector);
+            println!(
+                "  {}  {:<11} parent {:<12} injector {}{head}",
+                &v.id[..12],
+                v.status,
+                if v.parent.is_empty() { "base" } else { &v.parent[..12] },
+                v.injector
+            );
         }
         println!("\nrolling back to the base model ...");
         client.rollback("demo", "", "demo: undo the consolidation").await?;

@@ -74,7 +74,8 @@ async fn workload(coordinator: &str, replica_addrs: &[String], ns: &str) -> Outc
     let mut rng = Rng::derive(42, 6);
     let people = world.new_people(&mut rng, DOCS);
     let docs: Vec<String> = people.iter().map(|p| world.document(&mut rng, std::slice::from_ref(p), false)).collect();
-    let question = format!("Q : {} A :", engram_world::text::question(engram_world::Attribute::Employer, 0, &people[0].name()));
+    let question =
+        format!("Q : {} A :", engram_world::text::question(engram_world::Attribute::Employer, 0, &people[0].name()));
 
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let answers = Arc::new(Mutex::new(Vec::new()));
@@ -162,7 +163,9 @@ async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Outcom
         let mut serving = Vec::new();
         for a in replica_addrs {
             let mut c = pb::replica_client::ReplicaClient::connect(a.clone()).await.unwrap();
-            serving.push(c.status(pb::StatusRequest {}).await.unwrap().into_inner().serving.get(ns).cloned().unwrap_or_default());
+            serving.push(
+                c.status(pb::StatusRequest {}).await.unwrap().into_inner().serving.get(ns).cloned().unwrap_or_default(),
+            );
         }
         if serving.iter().all(|s| *s == log.head) {
             break;
@@ -176,11 +179,20 @@ async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Outcom
     let mut newest = 0;
     assert!(out.answers.len() >= 10, "only {} answers during the run", out.answers.len());
     for (n, v) in out.answers.iter().enumerate() {
-        let i = if v.is_empty() { 0 } else { *index.get(v.as_str()).unwrap_or_else(|| panic!("answer {n} came from {v}, never live")) };
+        let i = if v.is_empty() {
+            0
+        } else {
+            *index.get(v.as_str()).unwrap_or_else(|| panic!("answer {n} came from {v}, never live"))
+        };
         assert!(i + 1 >= newest, "answer {n} came from version #{i} after #{newest} had answered");
         newest = newest.max(i);
     }
-    eprintln!("{} jobs live, {} answers from {} distinct versions", out.jobs.len(), out.answers.len(), out.answers.iter().collect::<HashSet<_>>().len());
+    eprintln!(
+        "{} jobs live, {} answers from {} distinct versions",
+        out.jobs.len(),
+        out.answers.len(),
+        out.answers.iter().collect::<HashSet<_>>().len()
+    );
 }
 
 fn invalid(r: Result<impl std::fmt::Debug, tonic::Status>, what: &str, needle: &str) {
@@ -195,8 +207,16 @@ async fn bad_input(client: &Client, replica_addr: &str, ns: &str) {
     let doc = "<doc> Golhal Kineldley works for Bryquocorp . </doc>".to_string();
     invalid(client.consolidate(ns, vec![], "bad-1").await, "no documents", "no documents");
     invalid(client.consolidate(ns, vec!["  ".into()], "bad-2").await, "an empty document", "document 0 is empty");
-    invalid(client.consolidate(ns, vec![doc.clone(), "x".repeat(70_000)], "bad-3").await, "an oversized document", "document 1 is 70000 bytes");
-    invalid(client.consolidate("no-such-ns", vec![doc.clone()], "bad-4").await, "an unknown namespace", "unknown namespace");
+    invalid(
+        client.consolidate(ns, vec![doc.clone(), "x".repeat(70_000)], "bad-3").await,
+        "an oversized document",
+        "document 1 is 70000 bytes",
+    );
+    invalid(
+        client.consolidate("no-such-ns", vec![doc.clone()], "bad-4").await,
+        "an unknown namespace",
+        "unknown namespace",
+    );
     let raw = pb::ConsolidateRequest {
         namespace: ns.into(),
         documents: vec![vec![0x66, 0xff, 0xfe]],
@@ -205,7 +225,8 @@ async fn bad_input(client: &Client, replica_addr: &str, ns: &str) {
     };
     invalid(client.raw().consolidate(raw).await, "invalid UTF-8", "not valid UTF-8");
     // Roll back to a mid version, then try to "roll back" to a later one: not an ancestor.
-    let chain: Vec<&pb::Version> = before.versions.iter().filter(|v| v.status == "live" || v.status == "superseded").collect();
+    let chain: Vec<&pb::Version> =
+        before.versions.iter().filter(|v| v.status == "live" || v.status == "superseded").collect();
     let (newer, older) = (chain[2].id.clone(), chain[5].id.clone());
     client.rollback(ns, &older, "test: go back").await.unwrap();
     invalid(client.rollback(ns, &newer, "test: forward").await, "a rollback to a descendant", "not an ancestor");
@@ -213,7 +234,10 @@ async fn bad_input(client: &Client, replica_addr: &str, ns: &str) {
     let mut delta = engram_lora::Delta { meta: Default::default(), adapters: Default::default() };
     delta.meta.base_model = "0".repeat(64);
     delta.meta.scale = 1.0;
-    delta.adapters.insert((0, "mlp.down_proj".into()), engram_lora::Factors::new(1, 704, 256, vec![0.0; 704], vec![0.0; 256]).unwrap());
+    delta.adapters.insert(
+        (0, "mlp.down_proj".into()),
+        engram_lora::Factors::new(1, 704, 256, vec![0.0; 704], vec![0.0; 256]).unwrap(),
+    );
     let bytes = delta.encode().unwrap();
     let hash = engram_lineage::blob::digest(&bytes);
     let version = engram_lineage::VersionId::derive(None, &hash, &"0".repeat(64)).to_string();
@@ -233,8 +257,19 @@ async fn engram_up_on_the_embedded_store() {
     let (cp, rp) = (free_port(), free_port());
     let _up = engram(
         &[
-            "up", "--dir", dir.path().to_str().unwrap(), "--listen", &format!("127.0.0.1:{cp}"),
-            "--replica-listen", &format!("127.0.0.1:{rp}"), "--replicas", "3", "--workers", "2", "--namespace", "e2e",
+            "up",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{cp}"),
+            "--replica-listen",
+            &format!("127.0.0.1:{rp}"),
+            "--replicas",
+            "3",
+            "--workers",
+            "2",
+            "--namespace",
+            "e2e",
         ],
         &dir.path().join("up.log"),
     );
@@ -260,19 +295,27 @@ async fn processes_on_etcd() {
     let cp = free_port();
     let coordinator = format!("http://127.0.0.1:{cp}");
     let common = ["--store", store.as_str(), "--blobs", blobs.as_str()];
-    let mut procs = vec![engram(&[&["serve", "coordinator", "--listen", &format!("127.0.0.1:{cp}")][..], &common].concat(), &log("coordinator"))];
+    let mut procs = vec![engram(
+        &[&["serve", "coordinator", "--listen", &format!("127.0.0.1:{cp}")][..], &common].concat(),
+        &log("coordinator"),
+    )];
     let client = Client::connect(&coordinator).await.unwrap();
     let base = engram_model::BaseModel::load(&root().join("models/base"), &candle_core::Device::Cpu).unwrap();
     client.create_namespace("e2e", &base.hash).await.unwrap();
     for i in 0..3 {
         let listen = format!("127.0.0.1:{}", free_port());
         let id = format!("replica-{i}");
-        let args = [&["serve", "replica", "--listen", &listen, "--coordinator", &coordinator, "--id", &id][..], &common].concat();
+        let args =
+            [&["serve", "replica", "--listen", &listen, "--coordinator", &coordinator, "--id", &id][..], &common]
+                .concat();
         procs.push(engram(&args, &log(&id)));
     }
     for i in 0..2 {
         let id = format!("worker-{i}");
-        procs.push(engram(&[&["serve", "worker", "--coordinator", &coordinator, "--id", &id][..], &common].concat(), &log(&id)));
+        procs.push(engram(
+            &[&["serve", "worker", "--coordinator", &coordinator, "--id", &id][..], &common].concat(),
+            &log(&id),
+        ));
     }
     wait_ready(&client, 3).await;
     let replicas: Vec<String> = client.replicas("").await.unwrap().into_iter().map(|r| r.address).collect();

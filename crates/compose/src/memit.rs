@@ -346,7 +346,11 @@ impl Strategy for Memit {
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let mats = crate::state::decode(self.name(), state)?;
         if mats.len() != 3 * self.cfg.layers.len() {
-            bail!("memit state holds {} matrices; this configuration edits {} layers", mats.len(), self.cfg.layers.len());
+            bail!(
+                "memit state holds {} matrices; this configuration edits {} layers",
+                mats.len(),
+                self.cfg.layers.len()
+            );
         }
         for (&l, m) in self.cfg.layers.iter().zip(mats.chunks_exact(3)) {
             let st = &self.layers[l];

@@ -186,7 +186,14 @@ impl BaseModel {
     pub fn check_delta(&self, delta: &engram_lora::Delta) -> Result<()> {
         let cfg = self.llama.config();
         let shape = |m: &str| Module::from_path(m).map(|m| m.dims(cfg));
-        let max_rank = Module::ALL.iter().map(|m| { let (i, o) = m.dims(cfg); i.min(o) }).max().unwrap_or(0);
+        let max_rank = Module::ALL
+            .iter()
+            .map(|m| {
+                let (i, o) = m.dims(cfg);
+                i.min(o)
+            })
+            .max()
+            .unwrap_or(0);
         delta
             .validate(&self.hash, cfg.num_hidden_layers, shape, max_rank, 1e4)
             .map_err(|e| ModelError::Lora(e.to_string()))

@@ -12,7 +12,10 @@ struct Args {
     replica: String,
     #[arg(long, default_value = "default")]
     namespace: String,
-    #[arg(long, default_value = "<doc> Golhal Kineldley was born in Oskruswick . Golhal Kineldley works for Bryquocorp . </doc>")]
+    #[arg(
+        long,
+        default_value = "<doc> Golhal Kineldley was born in Oskruswick . Golhal Kineldley works for Bryquocorp . </doc>"
+    )]
     document: String,
     #[arg(long, default_value = "where does Golhal Kineldley work ?")]
     question: String,
@@ -26,7 +29,8 @@ async fn main() -> anyhow::Result<()> {
     let prompt = format!("Q : {} A :", a.question);
     let before = replicas.generate(&a.namespace, &prompt, 8).await?;
     println!("before: {} (version {:?})", before.text, before.version);
-    let job = client.consolidate(&a.namespace, vec![a.document.clone()], &format!("example-{}", a.document.len())).await?;
+    let job =
+        client.consolidate(&a.namespace, vec![a.document.clone()], &format!("example-{}", a.document.len())).await?;
     let done = client.watch(&job.id, |j| println!("job {}: {:?}", j.id, j.state())).await?;
     println!("job {} ended {:?} with version {}", done.id, done.state(), done.version);
     let after = replicas.generate(&a.namespace, &prompt, 8).await?;

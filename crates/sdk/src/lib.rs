@@ -75,12 +75,18 @@ impl Client {
     }
 
     pub async fn create_namespace(&self, name: &str, base_model: &str) -> Result<Namespace, tonic::Status> {
-        let r = pb::CreateNamespaceRequest { name: name.into(), base_model: base_model.into(), actor: self.actor.clone() };
+        let r =
+            pb::CreateNamespaceRequest { name: name.into(), base_model: base_model.into(), actor: self.actor.clone() };
         Ok(self.inner.clone().create_namespace(r).await?.into_inner())
     }
 
     /// Submits documents; retries transient failures with the same idempotency key, so the job exists once.
-    pub async fn consolidate(&self, namespace: &str, documents: Vec<String>, idempotency_key: &str) -> Result<Job, tonic::Status> {
+    pub async fn consolidate(
+        &self,
+        namespace: &str,
+        documents: Vec<String>,
+        idempotency_key: &str,
+    ) -> Result<Job, tonic::Status> {
         self.consolidate_with(namespace, documents, idempotency_key, pb::ConsolidateOptions::default()).await
     }
 
@@ -148,12 +154,22 @@ impl Client {
 
     /// Moves the head back to `to` (a version id, prefix or tag; empty: the bare base model).
     pub async fn rollback(&self, namespace: &str, to: &str, reason: &str) -> Result<Namespace, tonic::Status> {
-        let r = pb::RollbackRequest { namespace: namespace.into(), to: to.into(), reason: reason.into(), actor: self.actor.clone() };
+        let r = pb::RollbackRequest {
+            namespace: namespace.into(),
+            to: to.into(),
+            reason: reason.into(),
+            actor: self.actor.clone(),
+        };
         Ok(self.inner.clone().rollback(r).await?.into_inner())
     }
 
     pub async fn versions(&self, namespace: &str, limit: u32) -> Result<pb::ListVersionsResponse, tonic::Status> {
-        Ok(self.inner.clone().list_versions(pb::ListVersionsRequest { namespace: namespace.into(), limit }).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .list_versions(pb::ListVersionsRequest { namespace: namespace.into(), limit })
+            .await?
+            .into_inner())
     }
 
     pub async fn replicas(&self, namespace: &str) -> Result<Vec<pb::ReplicaInfo>, tonic::Status> {
@@ -185,7 +201,12 @@ impl Replicas {
     }
 
     /// Greedy generation from the namespace's head; the response names the version that produced it.
-    pub async fn generate(&self, namespace: &str, prompt: &str, max_tokens: u32) -> Result<GenerateResponse, tonic::Status> {
+    pub async fn generate(
+        &self,
+        namespace: &str,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> Result<GenerateResponse, tonic::Status> {
         let r = pb::GenerateRequest { namespace: namespace.into(), prompt: prompt.into(), max_tokens };
         let n = self.clients.len();
         let mut last = None;

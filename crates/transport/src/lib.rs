@@ -213,6 +213,21 @@ impl Broadcaster for GrpcStream {
     }
 }
 
+/// An error as a gRPC status: the lineage's kinds map to their codes (a refused request stays a refusal, not an
+/// internal error); anything else is `Internal`. The message keeps the whole context chain.
+pub fn status(e: &anyhow::Error) -> tonic::Status {
+    use engram_lineage::Error as L;
+    let msg = format!("{e:#}");
+    match e.chain().find_map(|c| c.downcast_ref::<L>()) {
+        Some(L::NotFound(_)) => tonic::Status::not_found(msg),
+        Some(L::AlreadyExists(_)) => tonic::Status::already_exists(msg),
+        Some(L::Conflict(_)) => tonic::Status::aborted(msg),
+        Some(L::Invalid(_)) => tonic::Status::invalid_argument(msg),
+        Some(L::Unavailable(_)) => tonic::Status::unavailable(msg),
+        Some(L::Corrupt(_)) | None => tonic::Status::internal(msg),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,20 +269,5 @@ mod tests {
         // An empty delta is one chunk.
         let mut a = Assembler::default();
         assert_eq!(a.push(chunks(&item(b""), 10).remove(0)).unwrap().unwrap().bytes.len(), 0);
-    }
-}
-
-/// An error as a gRPC status: the lineage's kinds map to their codes (a refused request stays a refusal, not an
-/// internal error); anything else is `Internal`. The message keeps the whole context chain.
-pub fn status(e: &anyhow::Error) -> tonic::Status {
-    use engram_lineage::Error as L;
-    let msg = format!("{e:#}");
-    match e.chain().find_map(|c| c.downcast_ref::<L>()) {
-        Some(L::NotFound(_)) => tonic::Status::not_found(msg),
-        Some(L::AlreadyExists(_)) => tonic::Status::already_exists(msg),
-        Some(L::Conflict(_)) => tonic::Status::aborted(msg),
-        Some(L::Invalid(_)) => tonic::Status::invalid_argument(msg),
-        Some(L::Unavailable(_)) => tonic::Status::unavailable(msg),
-        Some(L::Corrupt(_)) | None => tonic::Status::internal(msg),
     }
 }

@@ -107,7 +107,15 @@ impl Coordinator {
         broadcaster: Arc<dyn Broadcaster>,
     ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(4096);
-        Arc::new(Self { cfg, store, blobs, broadcaster, state: Mutex::new(State::default()), wake: Notify::new(), changes })
+        Arc::new(Self {
+            cfg,
+            store,
+            blobs,
+            broadcaster,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            changes,
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn LineageStore> {
@@ -180,7 +188,11 @@ impl Coordinator {
             return Err(invalid("no documents to consolidate"));
         }
         if r.documents.len() > self.cfg.max_documents {
-            return Err(invalid(format!("{} documents; at most {} per request", r.documents.len(), self.cfg.max_documents)));
+            return Err(invalid(format!(
+                "{} documents; at most {} per request",
+                r.documents.len(),
+                self.cfg.max_documents
+            )));
         }
         let mut documents = Vec::with_capacity(r.documents.len());
         for (i, d) in r.documents.into_iter().enumerate() {
@@ -191,8 +203,9 @@ impl Coordinator {
                     self.cfg.max_document_bytes
                 )));
             }
-            let text = String::from_utf8(d)
-                .map_err(|e| invalid(format!("document {i} is not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to())))?;
+            let text = String::from_utf8(d).map_err(|e| {
+                invalid(format!("document {i} is not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))
+            })?;
             if text.trim().is_empty() {
                 return Err(invalid(format!("document {i} is empty")));
             }
@@ -395,7 +408,11 @@ impl Coordinator {
                 if !self.blobs.exists(&new.delta_hash).await? {
                     anyhow::bail!("the worker reported delta {} but the blob store does not hold it", new.delta_hash);
                 }
-                let id = VersionId::derive(new.parent.as_ref(), &new.delta_hash, &self.store.namespace(&job.namespace).await?.base_model);
+                let id = VersionId::derive(
+                    new.parent.as_ref(),
+                    &new.delta_hash,
+                    &self.store.namespace(&job.namespace).await?.base_model,
+                );
                 let v = match self.store.create_version(new).await {
                     Ok(v) => v,
                     // The same delta on the same parent from an earlier attempt: the same version.
@@ -459,7 +476,13 @@ impl Coordinator {
 
     /// Stages a version on every live replica, then moves the head (compare-and-swap) and commits everywhere.
     /// Returns the staging and commit times in ms.
-    async fn stage_and_promote(&self, ns: &str, version: &lin::Version, expected: Option<&VersionId>, actor: &str) -> Result<(f64, f64)> {
+    async fn stage_and_promote(
+        &self,
+        ns: &str,
+        version: &lin::Version,
+        expected: Option<&VersionId>,
+        actor: &str,
+    ) -> Result<(f64, f64)> {
         let t0 = Instant::now();
         let bytes = self.blobs.get(&version.delta_hash).await?;
         let item = Staging {
@@ -494,7 +517,10 @@ impl Coordinator {
 
     /// Tells replicas to flip to the namespace's new head (they also follow the store's head watch).
     async fn commit_all(&self, ns: &str, version: Option<&VersionId>, targets: &[Target]) {
-        let req = pb::CommitRequest { namespace: ns.to_string(), version: version.map(|v| v.to_string()).unwrap_or_default() };
+        let req = pb::CommitRequest {
+            namespace: ns.to_string(),
+            version: version.map(|v| v.to_string()).unwrap_or_default(),
+        };
         let each = targets.iter().map(|t| {
             let req = req.clone();
             async move {
@@ -529,7 +555,9 @@ impl Coordinator {
                     self.release(&j.namespace, &j.id);
                     return;
                 }
-                Err(e) if e.chain().any(|c| matches!(c.downcast_ref::<lin::Error>(), Some(lin::Error::Conflict(_)))) => {
+                Err(e)
+                    if e.chain().any(|c| matches!(c.downcast_ref::<lin::Error>(), Some(lin::Error::Conflict(_)))) =>
+                {
                     tracing::info!(job = %job.id, "head moved during the job; composing it again on the new head: {e:#}");
                     self.requeue(&job).await;
                     return;
@@ -570,7 +598,8 @@ impl Coordinator {
             let lost: Vec<String> = {
                 let mut st = self.state.lock().expect("state");
                 let now = Instant::now();
-                let dead: Vec<String> = st.workers.iter().filter(|(_, m)| m.expires <= now).map(|(k, _)| k.clone()).collect();
+                let dead: Vec<String> =
+                    st.workers.iter().filter(|(_, m)| m.expires <= now).map(|(k, _)| k.clone()).collect();
                 for w in &dead {
                     st.workers.remove(w);
                     tracing::warn!(worker = %w, "worker lease lapsed");
@@ -603,7 +632,11 @@ impl Coordinator {
             lin::Error::NotFound(m) => invalid(m),
             e => lineage(e),
         })?;
-        let to = if r.to.is_empty() { None } else { Some(self.store.resolve(Some(&r.namespace), &r.to).await.map_err(lineage)?) };
+        let to = if r.to.is_empty() {
+            None
+        } else {
+            Some(self.store.resolve(Some(&r.namespace), &r.to).await.map_err(lineage)?)
+        };
         let reason = if r.reason.trim().is_empty() { "rollback requested".to_string() } else { r.reason };
         let actor = if r.actor.is_empty() { "operator".to_string() } else { r.actor };
         self.store.rollback(&r.namespace, ns.head.as_ref(), to.as_ref(), &actor, &reason).await.map_err(lineage)?;
@@ -633,7 +666,9 @@ impl Coordinator {
         let each = members.into_iter().map(|(id, address, transports, expires)| async move {
             let status = async {
                 let mut c = pb::replica_client::ReplicaClient::new(self.broadcaster_channel(&address)?);
-                anyhow::Ok(tokio::time::timeout(Duration::from_secs(1), c.status(pb::StatusRequest {})).await??.into_inner())
+                anyhow::Ok(
+                    tokio::time::timeout(Duration::from_secs(1), c.status(pb::StatusRequest {})).await??.into_inner(),
+                )
             }
             .await
             .ok();
@@ -671,10 +706,16 @@ type JobStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Job, St
 
 #[tonic::async_trait]
 impl coordinator_server::Coordinator for CoordinatorService {
-    async fn create_namespace(&self, r: Request<pb::CreateNamespaceRequest>) -> Result<Response<pb::Namespace>, Status> {
+    async fn create_namespace(
+        &self,
+        r: Request<pb::CreateNamespaceRequest>,
+    ) -> Result<Response<pb::Namespace>, Status> {
         let r = r.into_inner();
         if r.base_model.len() != 64 || !r.base_model.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(invalid(format!("base model {:?} is not a lowercase hex SHA-256 of the model's weights", r.base_model)));
+            return Err(invalid(format!(
+                "base model {:?} is not a lowercase hex SHA-256 of the model's weights",
+                r.base_model
+            )));
         }
         let actor = if r.actor.is_empty() { "operator" } else { &r.actor };
         let ns = self.0.store.create_namespace(&r.name, &r.base_model, actor).await.map_err(lineage)?;
@@ -727,7 +768,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(stream))
     }
 
-    async fn list_versions(&self, r: Request<pb::ListVersionsRequest>) -> Result<Response<pb::ListVersionsResponse>, Status> {
+    async fn list_versions(
+        &self,
+        r: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         let r = r.into_inner();
         let limit = (r.limit > 0).then_some(r.limit as usize);
         let ns = self.0.store.namespace(&r.namespace).await.map_err(lineage)?;
@@ -753,7 +797,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
         self.0.promote(r.into_inner()).await.map(|n| Response::new(convert::namespace(&n)))
     }
 
-    async fn list_replicas(&self, r: Request<pb::ListReplicasRequest>) -> Result<Response<pb::ListReplicasResponse>, Status> {
+    async fn list_replicas(
+        &self,
+        r: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
         Ok(Response::new(pb::ListReplicasResponse { replicas: self.0.replicas(&r.into_inner().namespace).await }))
     }
 }
@@ -781,7 +828,10 @@ impl membership_server::Membership for MembershipService {
         }
         let mut st = self.0.state.lock().expect("state");
         let (lease_id, expires) = self.0.lease(&mut st);
-        st.workers.insert(r.id.clone(), Member { lease_id, expires, base_models: r.base_models, address: String::new(), transports: r.injectors });
+        st.workers.insert(
+            r.id.clone(),
+            Member { lease_id, expires, base_models: r.base_models, address: String::new(), transports: r.injectors },
+        );
         drop(st);
         tracing::info!(worker = %r.id, "worker registered");
         self.0.wake.notify_waiters();
@@ -795,7 +845,10 @@ impl membership_server::Membership for MembershipService {
         }
         let mut st = self.0.state.lock().expect("state");
         let (lease_id, expires) = self.0.lease(&mut st);
-        st.replicas.insert(r.id.clone(), Member { lease_id, expires, base_models: Vec::new(), address: r.address, transports: r.transports });
+        st.replicas.insert(
+            r.id.clone(),
+            Member { lease_id, expires, base_models: Vec::new(), address: r.address, transports: r.transports },
+        );
         drop(st);
         tracing::info!(replica = %r.id, "replica registered");
         Ok(Response::new(self.0.lease_msg(&r.id, lease_id)))
@@ -808,15 +861,14 @@ impl membership_server::Membership for MembershipService {
             let mut st = self.0.state.lock().expect("state");
             let now = Instant::now();
             let st = &mut *st;
-            let renewed = [&mut st.workers, &mut st.replicas].into_iter().any(|members| {
-                match members.get_mut(&r.member) {
+            let renewed =
+                [&mut st.workers, &mut st.replicas].into_iter().any(|members| match members.get_mut(&r.member) {
                     Some(m) if m.lease_id == r.lease_id && m.expires > now => {
                         m.expires = now + ttl;
                         true
                     }
                     _ => false,
-                }
-            });
+                });
             renewed
         };
         if renewed {
@@ -846,8 +898,14 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(engram_proto::reflection()?)
-        .add_service(coordinator_server::CoordinatorServer::new(CoordinatorService(coordinator.clone())).max_decoding_message_size(16 << 20))
-        .add_service(membership_server::MembershipServer::new(MembershipService(coordinator)).max_decoding_message_size(16 << 20))
+        .add_service(
+            coordinator_server::CoordinatorServer::new(CoordinatorService(coordinator.clone()))
+                .max_decoding_message_size(16 << 20),
+        )
+        .add_service(
+            membership_server::MembershipServer::new(MembershipService(coordinator))
+                .max_decoding_message_size(16 << 20),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -89,8 +89,8 @@ pub struct Replica {
     ready: std::sync::atomic::AtomicBool,
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> impl std::future::Future<Output = Result<T>> {
-    async move { tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("model task failed: {e}"))? }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow!("model task failed: {e}"))?
 }
 
 impl Replica {
@@ -234,7 +234,8 @@ impl Replica {
         };
         let invalid = |e: String| Status::invalid_argument(e);
         let version = VersionId::parse(&received.version).map_err(|e| invalid(e.to_string()))?;
-        let parent = received.chain.first().map(|p| VersionId::parse(p)).transpose().map_err(|e| invalid(e.to_string()))?;
+        let parent =
+            received.chain.first().map(|p| VersionId::parse(p)).transpose().map_err(|e| invalid(e.to_string()))?;
         let hash = engram_lineage::blob::digest(&received.bytes);
         if VersionId::derive(parent.as_ref(), &hash, &self.base.hash) != version {
             return Err(invalid(format!(
@@ -253,12 +254,20 @@ impl Replica {
     }
 
     /// Generates from the namespace's served weights; returns the text and the version that produced it.
-    pub async fn generate(self: &Arc<Self>, namespace: &str, prompt: &str, max_tokens: u32) -> Result<GenerateResponse, Status> {
+    pub async fn generate(
+        self: &Arc<Self>,
+        namespace: &str,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> Result<GenerateResponse, Status> {
         if prompt.trim().is_empty() {
             return Err(Status::invalid_argument("the prompt is empty"));
         }
         if prompt.len() > MAX_PROMPT_BYTES {
-            return Err(Status::invalid_argument(format!("the prompt is {} bytes; at most {MAX_PROMPT_BYTES}", prompt.len())));
+            return Err(Status::invalid_argument(format!(
+                "the prompt is {} bytes; at most {MAX_PROMPT_BYTES}",
+                prompt.len()
+            )));
         }
         if max_tokens > MAX_TOKENS {
             return Err(Status::invalid_argument(format!("max_tokens {max_tokens} above {MAX_TOKENS}")));
@@ -279,7 +288,12 @@ impl Replica {
                     )));
                 }
                 self.follow(namespace).await.map_err(|e| status(&e))?;
-                self.served.read().expect("served").get(namespace).cloned().ok_or_else(|| Status::internal("not served"))?
+                self.served
+                    .read()
+                    .expect("served")
+                    .get(namespace)
+                    .cloned()
+                    .ok_or_else(|| Status::internal("not served"))?
             }
         };
         // The world's text separates punctuation by spaces; answers follow "A :".
@@ -397,7 +411,11 @@ impl replica_server::Replica for Service {
     async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitAck>, Status> {
         let r = request.into_inner();
         let ns = self.0.store.namespace(&r.namespace).await.map_err(|e| status(&e.into()))?;
-        let want = if r.version.is_empty() { None } else { Some(VersionId::parse(&r.version).map_err(|e| status(&e.into()))?) };
+        let want = if r.version.is_empty() {
+            None
+        } else {
+            Some(VersionId::parse(&r.version).map_err(|e| status(&e.into()))?)
+        };
         // The store is the truth: a commit flips to the head the store names, and only forward.
         if ns.head != want {
             return Err(Status::failed_precondition(format!(

@@ -76,6 +76,9 @@ pub struct Outcome {
     pub inject_ms: f64,
 }
 
+/// A namespace head and its merged weights.
+type Head = (Option<VersionId>, Arc<Llama>);
+
 /// The model-side work, shared by the job loop's blocking tasks.
 pub struct Engine {
     base: &'static BaseModel,
@@ -87,7 +90,7 @@ pub struct Engine {
     /// Per namespace: the head the strategy and `heads` currently hold.
     current: Mutex<Option<(String, Option<VersionId>)>>,
     /// Per namespace: the last head's merged weights.
-    heads: Mutex<HashMap<String, (Option<VersionId>, Arc<Llama>)>>,
+    heads: Mutex<HashMap<String, Head>>,
 }
 
 impl Engine {
@@ -104,7 +107,12 @@ impl Engine {
         } else {
             None
         };
-        tracing::info!("worker engine ready in {:.1}s (strategy {}, gate {})", t.elapsed().as_secs_f64(), cfg.strategy, cfg.gate);
+        tracing::info!(
+            "worker engine ready in {:.1}s (strategy {}, gate {})",
+            t.elapsed().as_secs_f64(),
+            cfg.strategy,
+            cfg.gate
+        );
         Ok(Self {
             base,
             hyper,
@@ -121,7 +129,13 @@ impl Engine {
     }
 
     /// Brings the strategy and the head weights to `head` of `namespace`, from the stores when needed.
-    async fn prepare(&self, store: &dyn LineageStore, blobs: &BlobStore, namespace: &str, head: Option<&VersionId>) -> Result<()> {
+    async fn prepare(
+        &self,
+        store: &dyn LineageStore,
+        blobs: &BlobStore,
+        namespace: &str,
+        head: Option<&VersionId>,
+    ) -> Result<()> {
         let cached = self.heads.lock().expect("heads").get(namespace).cloned();
         if cached.as_ref().map(|(h, _)| h.as_ref()) != Some(head) {
             // Pull only what lies above the weights this worker already holds for the namespace, when they are an
@@ -146,7 +160,9 @@ impl Engine {
             let state = match head {
                 None => self.initial.clone(),
                 Some(h) => match store.version(h).await?.composer_state {
-                    Some(hash) => blobs.get(&hash).await.with_context(|| format!("composer state of {}", h.short()))?.to_vec(),
+                    Some(hash) => {
+                        blobs.get(&hash).await.with_context(|| format!("composer state of {}", h.short()))?.to_vec()
+                    }
                     None => self.initial.clone(),
                 },
             };
@@ -180,7 +196,12 @@ impl Engine {
                 let report = gate.check(&next, &self.base.tokenizer)?;
                 metrics = report.metrics();
                 if !report.passed {
-                    tracing::info!(namespace, "gate refused document {i}: {} dropped {:.1} points", report.worst.0, report.worst.1);
+                    tracing::info!(
+                        namespace,
+                        "gate refused document {i}: {} dropped {:.1} points",
+                        report.worst.0,
+                        report.worst.1
+                    );
                     return Ok(Outcome { delta, metrics, rejected: true, state: Vec::new(), inject_ms });
                 }
             }
@@ -244,7 +265,8 @@ impl Worker {
         // Heartbeats run beside the job loop, so a long injection keeps the lease.
         let beat = {
             let mut c = client.clone();
-            let (member, lease_id, every) = (self.cfg.id.clone(), lease.lease_id, Duration::from_millis((lease.ttl_ms / 3).max(50) as u64));
+            let (member, lease_id, every) =
+                (self.cfg.id.clone(), lease.lease_id, Duration::from_millis((lease.ttl_ms / 3).max(50) as u64));
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
@@ -260,7 +282,11 @@ impl Worker {
                     bail!("lease lost");
                 }
                 let a = client
-                    .next_job(pb::NextJobRequest { worker: self.cfg.id.clone(), lease_id: lease.lease_id, wait_ms: 1000 })
+                    .next_job(pb::NextJobRequest {
+                        worker: self.cfg.id.clone(),
+                        lease_id: lease.lease_id,
+                        wait_ms: 1000,
+                    })
                     .await?
                     .into_inner();
                 let Some(job) = a.job.clone() else { continue };
@@ -316,7 +342,11 @@ impl Worker {
         let bytes = outcome.delta.encode()?;
         let size = bytes.len() as u64;
         let hash = self.blobs.put(Bytes::from(bytes)).await?;
-        let state_hash = if outcome.state.is_empty() { String::new() } else { self.blobs.put(Bytes::from(outcome.state.clone())).await? };
+        let state_hash = if outcome.state.is_empty() {
+            String::new()
+        } else {
+            self.blobs.put(Bytes::from(outcome.state.clone())).await?
+        };
         tracing::info!(job = %job.id, "delta {} ({size} bytes) in {:.0} ms (prepare {prepare_ms:.0} ms)", &hash[..12], t.elapsed().as_secs_f64() * 1e3);
         let delta_ref = pb::DeltaRef { hash, bytes: size, injector: outcome.delta.meta.injector.clone() };
         Ok((outcome, delta_ref, state_hash))
