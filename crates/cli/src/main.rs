@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod bench_service;
 mod service;
 use engram_world::{Phrasing, Rng, SkillTask, Split, World};
 
@@ -227,6 +228,9 @@ enum EvalCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The service: acknowledged consolidation requests/s and latency (durable before the reply), and seconds from
+    /// request to live on every replica split into queue, inject, stage and commit; embedded store and etcd.
+    Service(bench_service::ServiceBenchArgs),
     /// N documents injected one after another, the state carried from each to the next as the service carries a
     /// namespace's head. Every --eval-every documents: reliability (closed-book recall of every fact injected so
     /// far), generalization (held-out phrasing), locality (known recall, reading, skills relative to the base
@@ -456,6 +460,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Ask { question, model, adapter } => ask(&question, &model, adapter.as_deref()),
+        Command::Bench(BenchCommand::Service(a)) => bench_service::run(a),
         Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
             bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
         }

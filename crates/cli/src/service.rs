@@ -70,66 +70,66 @@ pub struct StoreArgs {
 pub struct TimingArgs {
     /// Lease of workers and replicas, in ms: a silent member is gone after this.
     #[arg(long, default_value_t = 5000)]
-    lease_ms: u64,
+    pub(crate) lease_ms: u64,
     /// How long staging on the replicas may take before the slow ones are marked stale, in ms.
     #[arg(long, default_value_t = 10_000)]
-    stage_timeout_ms: u64,
+    pub(crate) stage_timeout_ms: u64,
 }
 
 #[derive(Args, Clone)]
 pub struct EngineArgs {
     #[arg(long, default_value = "models/base")]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     #[arg(long, default_value = "models/hypernet")]
-    hypernet: PathBuf,
+    pub(crate) hypernet: PathBuf,
     /// How each delta joins the chain: memit (default), nullspace or naive.
     #[arg(long, default_value = "memit")]
-    strategy: String,
+    pub(crate) strategy: String,
     /// Run the capability gate on every candidate (a job's `force` option skips it).
     #[arg(long)]
-    gate: bool,
+    pub(crate) gate: bool,
     /// Probes per gate canary.
     #[arg(long, default_value_t = 100)]
-    gate_items: usize,
+    pub(crate) gate_items: usize,
     /// Default injector: hypernet or distill.
     #[arg(long, default_value = "hypernet")]
-    injector: String,
+    pub(crate) injector: String,
     /// cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Cache of the strategy's initial state per base model (measuring its protected keys takes ~30 s).
     #[arg(long, env = "ENGRAM_CACHE", default_value = ".engram/cache")]
-    cache: PathBuf,
+    pub(crate) cache: PathBuf,
 }
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
     /// State directory for the embedded lineage and blobs (ignored for what --store/--blobs name).
     #[arg(long, default_value = ".engram")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Lineage store URL (default: file://<dir>/lineage).
     #[arg(long)]
-    store: Option<String>,
+    pub(crate) store: Option<String>,
     /// Blob store URL (default: file://<dir>/blobs).
     #[arg(long)]
-    blobs: Option<String>,
+    pub(crate) blobs: Option<String>,
     /// Coordinator address; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:7300")]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// First replica's address; the others take the next ports (port 0: free ones).
     #[arg(long, default_value = "127.0.0.1:7310")]
-    replica_listen: SocketAddr,
+    pub(crate) replica_listen: SocketAddr,
     #[arg(long, default_value_t = 1)]
-    replicas: usize,
+    pub(crate) replicas: usize,
     #[arg(long, default_value_t = 1)]
-    workers: usize,
+    pub(crate) workers: usize,
     /// Namespace created (over --model) if missing.
     #[arg(long, default_value = "default")]
-    namespace: String,
+    pub(crate) namespace: String,
     #[command(flatten)]
-    engine: EngineArgs,
+    pub(crate) engine: EngineArgs,
     #[command(flatten)]
-    timing: TimingArgs,
+    pub(crate) timing: TimingArgs,
 }
 
 pub fn init_tracing() {

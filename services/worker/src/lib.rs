@@ -74,6 +74,7 @@ pub struct Outcome {
     pub rejected: bool,
     pub state: Vec<u8>,
     pub inject_ms: f64,
+    pub compose_ms: f64,
 }
 
 /// A namespace head and its merged weights.
@@ -179,7 +180,7 @@ impl Engine {
         let mut model = (*head).clone();
         let mut composed = Vec::new();
         let mut metrics = std::collections::BTreeMap::new();
-        let mut inject_ms = 0.0;
+        let (mut inject_ms, mut compose_ms) = (0.0, 0.0);
         // From here the strategy's state moves past the head: whatever happens, it no longer matches `current`.
         *self.current.lock().expect("current") = None;
         for (i, doc) in documents.iter().enumerate() {
@@ -190,7 +191,9 @@ impl Engine {
                 other => bail!("unknown injector {other:?}"),
             };
             inject_ms += t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
             let delta = strategy.compose(&model, doc, candidate).with_context(|| format!("document {i}"))?;
+            compose_ms += t.elapsed().as_secs_f64() * 1e3;
             let next = model.merged(&[&delta])?;
             if let (Some(gate), false) = (&self.gate, force) {
                 let report = gate.check(&next, &self.base.tokenizer)?;
@@ -202,7 +205,7 @@ impl Engine {
                         report.worst.0,
                         report.worst.1
                     );
-                    return Ok(Outcome { delta, metrics, rejected: true, state: Vec::new(), inject_ms });
+                    return Ok(Outcome { delta, metrics, rejected: true, state: Vec::new(), inject_ms, compose_ms });
                 }
             }
             strategy.accepted(&next, doc)?;
@@ -222,7 +225,7 @@ impl Engine {
         let next_id = VersionId::derive(head_id.as_ref(), &hash, &self.base.hash);
         self.heads.lock().expect("heads").insert(namespace.to_string(), (Some(next_id.clone()), Arc::new(model)));
         *self.current.lock().expect("current") = Some((namespace.to_string(), Some(next_id)));
-        Ok(Outcome { delta, metrics, rejected: false, state, inject_ms })
+        Ok(Outcome { delta, metrics, rejected: false, state, inject_ms, compose_ms })
     }
 }
 
@@ -333,12 +336,16 @@ impl Worker {
         let prepare_ms = t.elapsed().as_secs_f64() * 1e3;
         let engine = self.engine.clone();
         let (ns, docs) = (job.namespace.clone(), a.documents.clone());
+        let started = t;
         let o = a.options.clone().unwrap_or_default();
         let injector = if o.injector.is_empty() { self.cfg.injector.clone() } else { o.injector };
         let force = o.force;
         let outcome = tokio::task::spawn_blocking(move || engine.consolidate(&ns, &docs, &injector, force))
             .await
             .map_err(|e| anyhow!("injection task failed: {e}"))??;
+        let mut outcome = outcome;
+        outcome.metrics.insert("worker.inject_ms".into(), outcome.inject_ms);
+        outcome.metrics.insert("worker.compose_ms".into(), outcome.compose_ms);
         let bytes = outcome.delta.encode()?;
         let size = bytes.len() as u64;
         let hash = self.blobs.put(Bytes::from(bytes)).await?;
@@ -349,6 +356,8 @@ impl Worker {
         };
         tracing::info!(job = %job.id, "delta {} ({size} bytes) in {:.0} ms (prepare {prepare_ms:.0} ms)", &hash[..12], t.elapsed().as_secs_f64() * 1e3);
         let delta_ref = pb::DeltaRef { hash, bytes: size, injector: outcome.delta.meta.injector.clone() };
+        // What the job's timings call "inject": the worker's whole time on it.
+        outcome.inject_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok((outcome, delta_ref, state_hash))
     }
 }
