@@ -1,6 +1,10 @@
 //! `engramctl`: the operator's view of Engram's adapter lineage: what each namespace serves, where it came from,
-//! and how to take it back. Until the coordinator exists it talks to the lineage store directly.
+//! and how to take it back. With `--coordinator` (or `ENGRAM_COORDINATOR`) the commands the coordinator serves go
+//! through its API, so head moves reach the replicas; everything else, and every command without it, reads and
+//! writes the lineage store directly (disaster recovery: it works with the coordinator down).
 #![forbid(unsafe_code)]
+
+mod api;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,7 +21,7 @@ use serde::Serialize;
     version,
     about = "Inspect and operate Engram's adapter lineage: log, show, diff, rollback, promote, tag, history, gc"
 )]
-struct Cli {
+pub(crate) struct Cli {
     /// Lineage store: file://DIR (embedded) or etcd://HOST:PORT[,HOST:PORT...][/PREFIX].
     #[arg(long, global = true, env = "ENGRAM_STORE", default_value = "file://engram-data")]
     store: String,
@@ -27,6 +31,10 @@ struct Cli {
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The coordinator (http://HOST:PORT). Log, show, create-namespace, rollback, promote, job and replicas then go
+    /// through its API (rollback and promote reach every replica); the rest still use --store.
+    #[arg(long, global = true, env = "ENGRAM_COORDINATOR")]
+    coordinator: Option<String>,
     /// Who is acting, recorded in the history.
     #[arg(long, global = true, env = "USER", default_value = "operator")]
     actor: String,
@@ -35,7 +43,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// List namespaces and the version each serves.
     Namespaces,
     /// Create a namespace over a base model.
@@ -102,6 +110,10 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// A consolidation job's state, version and timings (needs --coordinator).
+    Job { id: String },
+    /// Serving replicas and the version each serves per namespace (needs --coordinator).
+    Replicas,
     /// Delete blobs no head or tag can reach. Dry run unless --apply.
     Gc {
         #[arg(long)]
@@ -134,13 +146,13 @@ fn blob_url(cli: &Cli) -> Result<String> {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 /// Left-aligned columns, two spaces apart.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -175,6 +187,13 @@ fn metrics(m: &BTreeMap<String, f64>) -> String {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(address) = &cli.coordinator {
+        if api::run(&cli, address).await? {
+            return Ok(());
+        }
+    } else if matches!(cli.command, Command::Job { .. } | Command::Replicas) {
+        bail!("this command asks the coordinator: pass --coordinator http://HOST:PORT (or ENGRAM_COORDINATOR)");
+    }
     let store: Arc<dyn LineageStore> =
         engram_lineage::open(&cli.store).await.with_context(|| format!("opening lineage store {}", cli.store))?;
     let s = store.as_ref();
@@ -370,6 +389,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Job { .. } | Command::Replicas => unreachable!("answered by the coordinator above"),
         Command::Gc { apply, min_age_s } => {
             let blobs = BlobStore::open(&blob_url(&cli)?)?;
             let r = admin::gc(s, &blobs, *apply, min_age_s * 1000).await?;

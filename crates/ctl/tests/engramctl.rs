@@ -155,3 +155,57 @@ fn rollback_on_etcd_reaches_a_watcher() {
     let ns = json(&ok(s, &["--json", "namespaces"]));
     assert_eq!(ns[0]["head"].as_str(), Some(v1.as_str()));
 }
+
+/// With `--coordinator`, log, show and rollback go through the coordinator's API (which also commits replicas).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_go_through_the_coordinator() {
+    use engram_lineage::NewVersion;
+    let dir = tempfile::tempdir().unwrap();
+    let store = engram_lineage::open(&format!("file://{}", dir.path().display())).await.unwrap();
+    let blobs = engram_lineage::BlobStore::open("memory://").unwrap();
+    store.create_namespace("ns", &"b".repeat(64), "t").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let new = NewVersion {
+            namespace: "ns".into(),
+            parent: ids.last().cloned(),
+            delta_hash: engram_lineage::blob::digest(format!("d{i}").as_bytes()),
+            creator: "t".into(),
+            ..Default::default()
+        };
+        let v = store.create_version(new).await.unwrap();
+        store.promote("ns", ids.last(), &v.id, "t").await.unwrap();
+        ids.push(v.id);
+    }
+    let c = engram_coordinator::Coordinator::new(
+        Default::default(),
+        store.clone(),
+        blobs,
+        std::sync::Arc::new(engram_transport::GrpcStream::default()),
+    );
+    c.recover().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(engram_coordinator::serve(c, listener, std::future::pending()));
+    let api = |args: &[&str]| {
+        // The store flag points nowhere usable: these commands must not need it.
+        let mut all = vec!["--coordinator", address.as_str()];
+        all.extend_from_slice(args);
+        ctl("file:///nonexistent/engram", &all)
+    };
+    let (okay, out, err) = api(&["log", "ns"]);
+    assert!(okay, "{err}");
+    assert!(out.contains(&format!("{} *", ids[2].short())), "the head is not marked: {out}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    let (okay, out, err) = api(&["show", "head", "-n", "ns"]);
+    assert!(okay && out.contains(ids[2].as_str()), "{err}{out}");
+    let (okay, out, err) = api(&["rollback", "ns", "--to", ids[0].short(), "--reason", "test"]);
+    assert!(okay && out.contains("on every replica"), "{err}{out}");
+    assert_eq!(store.namespace("ns").await.unwrap().head.as_ref(), Some(&ids[0]));
+    let (okay, _, err) = api(&["rollback", "ns", "--to", ids[2].short(), "--reason", "forward"]);
+    assert!(!okay && err.contains("not an ancestor"), "{err}");
+    let (okay, _, err) = api(&["job", "j1-0"]);
+    assert!(!okay && err.contains("not found"), "{err}");
+    let (okay, _, err) = ctl("file:///nonexistent/engram", &["job", "j1-0"]);
+    assert!(!okay && err.contains("--coordinator"), "{err}");
+}
