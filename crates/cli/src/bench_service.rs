@@ -181,6 +181,7 @@ async fn backend(a: &ServiceBenchArgs, name: &str, store: String, dir: &std::pat
         listen: "127.0.0.1:0".parse()?,
         replica_listen: "127.0.0.1:0".parse()?,
         replicas: a.replicas,
+        http: None,
         workers: 1,
         namespace: "bench-e2e".into(),
         engine: a.engine.clone(),

@@ -51,6 +51,9 @@ pub enum Serve {
         /// Merged weights kept for recent versions.
         #[arg(long, default_value_t = 8)]
         cache_versions: usize,
+        /// Also serve HTTP here: OpenAI-style POST /v1/completions (`model` = namespace) and GET /ready.
+        #[arg(long)]
+        http: Option<SocketAddr>,
         #[command(flatten)]
         stores: StoreArgs,
     },
@@ -121,6 +124,9 @@ pub struct UpArgs {
     pub(crate) replica_listen: SocketAddr,
     #[arg(long, default_value_t = 1)]
     pub(crate) replicas: usize,
+    /// First replica's HTTP address (POST /v1/completions, GET /ready); the others take the next ports.
+    #[arg(long)]
+    pub(crate) http: Option<SocketAddr>,
     #[arg(long, default_value_t = 1)]
     pub(crate) workers: usize,
     /// Namespace created (over --model) if missing.
@@ -228,7 +234,7 @@ pub fn serve(cmd: Serve) -> Result<()> {
                 eprintln!("worker running");
                 w.run(stop).await
             }
-            Serve::Replica { listen, advertise, coordinator, id, model, cache_versions, stores: s } => {
+            Serve::Replica { listen, advertise, coordinator, id, model, cache_versions, http, stores: s } => {
                 let (store, blobs) = stores(&s.store, &s.blobs).await?;
                 let listener =
                     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
@@ -242,6 +248,11 @@ pub fn serve(cmd: Serve) -> Result<()> {
                 };
                 let r = engram_replica::Replica::new(cfg, base, store, blobs);
                 r.start().await?;
+                if let Some(h) = http {
+                    let l = tokio::net::TcpListener::bind(h).await.with_context(|| format!("binding {h}"))?;
+                    eprintln!("replica HTTP on {}", l.local_addr()?);
+                    tokio::spawn(engram_replica::http::serve(r.clone(), l));
+                }
                 eprintln!("replica listening on {addr}");
                 engram_replica::serve(r, listener, shutdown_signal()).await
             }
@@ -304,6 +315,14 @@ pub async fn up(a: &UpArgs) -> Result<Up> {
         };
         let r = engram_replica::Replica::new(cfg, Arc::new(base_clone(base)), store.clone(), blobs.clone());
         r.start().await?;
+        if let Some(mut h) = a.http {
+            if h.port() != 0 {
+                h.set_port(h.port() + i as u16);
+            }
+            let l = tokio::net::TcpListener::bind(h).await.with_context(|| format!("binding {h}"))?;
+            tracing::info!("replica-{i} HTTP on {}", l.local_addr()?);
+            tokio::spawn(engram_replica::http::serve(r.clone(), l));
+        }
         tokio::spawn(engram_replica::serve(r, listener, std::future::pending()));
         replicas.push(format!("http://{addr}"));
     }

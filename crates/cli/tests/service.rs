@@ -251,10 +251,38 @@ async fn bad_input(client: &Client, replica_addr: &str, ns: &str) {
     assert_eq!(after.head, older);
 }
 
+/// One HTTP/1.1 request over a plain socket; returns the status code and the body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// The OpenAI-style endpoint answers from the head and names it; bad requests get 400.
+fn completions(port: u16, ns: &str, head: &str) {
+    let (code, body) = http(port, "GET", "/ready", "");
+    assert_eq!(code, 200, "{body}");
+    let req =
+        format!(r#"{{"model": "{ns}", "prompt": "Q : where does Golhal Kineldley work ? A :", "max_tokens": 4}}"#);
+    let (code, body) = http(port, "POST", "/v1/completions", &req);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["engram_version"], head, "{body}");
+    assert!(v["choices"][0]["text"].is_string(), "{body}");
+    let (code, body) = http(port, "POST", "/v1/completions", "{not json");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http(port, "POST", "/v1/completions", r#"{"model": "no-such-ns", "prompt": "Q : x A :"}"#);
+    assert_eq!(code, 404, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn engram_up_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
-    let (cp, rp) = (free_port(), free_port());
+    let (cp, rp, hp) = (free_port(), free_port(), free_port());
     let _up = engram(
         &[
             "up",
@@ -270,6 +298,8 @@ async fn engram_up_on_the_embedded_store() {
             "2",
             "--namespace",
             "e2e",
+            "--http",
+            &format!("127.0.0.1:{hp}"),
         ],
         &dir.path().join("up.log"),
     );
@@ -279,6 +309,8 @@ async fn engram_up_on_the_embedded_store() {
     let replicas: Vec<String> = client.replicas("").await.unwrap().into_iter().map(|r| r.address).collect();
     let out = workload(&coordinator, &replicas, "e2e").await;
     check(&client, &replicas, "e2e", &out).await;
+    let head = client.versions("e2e", 1).await.unwrap().head;
+    tokio::task::spawn_blocking(move || completions(hp, "e2e", &head)).await.unwrap();
     bad_input(&client, &replicas[0], "e2e").await;
 }
 

@@ -88,6 +88,7 @@ pub struct Coordinator {
     wake: Notify,
     /// Every job change, for `WatchJob`.
     changes: broadcast::Sender<Job>,
+    channels: Mutex<HashMap<String, tonic::transport::Channel>>,
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -115,6 +116,7 @@ impl Coordinator {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             changes,
+            channels: Mutex::new(HashMap::new()),
         })
     }
 
@@ -537,11 +539,18 @@ impl Coordinator {
         }
     }
 
+    /// A lazily connecting channel per replica address, reused by every commit and status call.
     fn broadcaster_channel(&self, address: &str) -> Result<tonic::transport::Channel> {
-        tonic::transport::Endpoint::from_shared(address.to_string())?
+        let mut map = self.channels.lock().expect("channels");
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let c = tonic::transport::Endpoint::from_shared(address.to_string())?
             .connect_timeout(Duration::from_secs(2))
-            .connect_lazy()
-            .pipe(Ok)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Takes a staging job to its end: its version live everywhere, or the job queued again when the head moved
@@ -691,13 +700,6 @@ impl Coordinator {
         out
     }
 }
-
-trait Pipe: Sized {
-    fn pipe<T>(self, f: impl FnOnce(Self) -> T) -> T {
-        f(self)
-    }
-}
-impl<T> Pipe for T {}
 
 /// The Coordinator gRPC service.
 pub struct CoordinatorService(pub Arc<Coordinator>);

@@ -8,6 +8,8 @@
 //! Flips only move forward in the namespace's event sequence: a late commit never undoes a newer head.
 #![forbid(unsafe_code)]
 
+pub mod http;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
