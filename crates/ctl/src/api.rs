@@ -116,7 +116,7 @@ pub async fn run(cli: &Cli, address: &str) -> Result<bool> {
         }
         Command::Job { id } => {
             let j = client.job(id).await?;
-            let t = j.timings.clone().unwrap_or_default();
+            let t = j.timings.unwrap_or_default();
             if cli.json {
                 return print_json(&serde_json::json!({ "id": j.id, "namespace": j.namespace, "state": format!("{:?}", j.state()), "version": j.version, "attempts": j.attempts, "error": j.error, "queue_ms": t.queue_ms, "inject_ms": t.inject_ms, "stage_ms": t.stage_ms, "commit_ms": t.commit_ms })).map(|_| true);
             }
