@@ -25,6 +25,8 @@ use tonic::Code;
 
 /// How long `connect` keeps retrying a server that is not up yet.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(20);
+/// How long `watch` waits for an unreachable coordinator to come back.
+pub const WATCH_PATIENCE: Duration = Duration::from_secs(60);
 
 async fn channel(address: &str) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(address.to_string())
@@ -108,9 +110,10 @@ impl Client {
         loop {
             match self.inner.clone().consolidate(r.clone()).await {
                 Ok(j) => return Ok(j.into_inner()),
-                Err(s) if transient(&s) && tries < 5 => {
+                // Up to ~15 s in all: long enough for a coordinator to restart.
+                Err(s) if transient(&s) && tries < 8 => {
                     tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                    tokio::time::sleep(Duration::from_millis((100 << tries).min(3000))).await;
                 }
                 Err(s) => return Err(s),
             }
@@ -122,28 +125,37 @@ impl Client {
     }
 
     /// Follows a job until it is final (live, rejected or failed) and returns it; `on_change` sees every state.
+    /// Rides out a coordinator restart: a broken stream or an unavailable coordinator is retried for up to
+    /// [`WATCH_PATIENCE`].
     pub async fn watch(&self, id: &str, mut on_change: impl FnMut(&Job)) -> Result<Job> {
         use futures::StreamExt;
+        let mut since_ok = std::time::Instant::now();
         loop {
-            let mut stream = self.inner.clone().watch_job(pb::GetJobRequest { id: id.into() }).await?.into_inner();
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(j) => {
-                        on_change(&j);
-                        if is_final(&j) {
-                            return Ok(j);
+            match self.inner.clone().watch_job(pb::GetJobRequest { id: id.into() }).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(j) => {
+                                since_ok = std::time::Instant::now();
+                                on_change(&j);
+                                if is_final(&j) {
+                                    return Ok(j);
+                                }
+                            }
+                            Err(s) if transient(&s) => break,
+                            Err(s) => return Err(s.into()),
                         }
                     }
-                    Err(s) if transient(&s) => break,
-                    Err(s) => return Err(s.into()),
                 }
+                Err(s) if transient(&s) => {}
+                Err(s) => return Err(s.into()),
             }
-            // The stream ended early (the coordinator restarted): look again.
+            if since_ok.elapsed() > WATCH_PATIENCE {
+                bail!("lost the coordinator for over {WATCH_PATIENCE:?} while watching job {id}");
+            }
+            // The stream ended early (the coordinator restarted): look again shortly.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let j = self.job(id).await?;
-            if is_final(&j) {
-                return Ok(j);
-            }
         }
     }
 

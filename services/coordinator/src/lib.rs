@@ -668,10 +668,12 @@ impl Coordinator {
     }
 
     async fn replicas(&self, namespace: &str) -> Vec<pb::ReplicaInfo> {
-        let members: Vec<(String, String, Vec<String>, Instant)> = {
+        let (members, stale): (Vec<(String, String, Vec<String>, Instant)>, HashMap<String, HashSet<String>>) = {
             let st = self.state.lock().expect("state");
-            st.replicas.iter().map(|(id, m)| (id.clone(), m.address.clone(), m.transports.clone(), m.expires)).collect()
+            let m = st.replicas.iter().map(|(id, m)| (id.clone(), m.address.clone(), m.transports.clone(), m.expires));
+            (m.collect(), st.stale.clone())
         };
+        let stale = &stale;
         let each = members.into_iter().map(|(id, address, transports, expires)| async move {
             let status = async {
                 let mut c = pb::replica_client::ReplicaClient::new(self.broadcaster_channel(&address)?);
@@ -684,6 +686,16 @@ impl Coordinator {
             let mut serving: HashMap<String, String> = status.as_ref().map(|s| s.serving.clone()).unwrap_or_default();
             if !namespace.is_empty() {
                 serving.retain(|ns, _| ns == namespace);
+            }
+            // A replica that missed a staging is stale until it serves the head again (it catches up by itself).
+            let missed: Vec<String> =
+                serving.keys().filter(|ns| stale.get(*ns).is_some_and(|s| s.contains(&id))).cloned().collect();
+            for ns in missed {
+                let head = self.store.namespace(&ns).await.ok().and_then(|n| n.head).map(|h| h.to_string());
+                let v = serving.get_mut(&ns).expect("listed");
+                if Some(v.as_str()) != head.as_deref().or(Some("")) {
+                    *v = format!("stale:{v}");
+                }
             }
             let left = expires.saturating_duration_since(Instant::now()).as_millis() as u64;
             pb::ReplicaInfo {
