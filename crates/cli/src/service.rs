@@ -17,6 +17,16 @@ pub enum Serve {
     Coordinator {
         #[arg(long, default_value = "127.0.0.1:7300")]
         listen: SocketAddr,
+        /// Run in high availability: campaign for leadership in etcd (needs an etcd:// store); followers refuse
+        /// calls with the leader's address and take over when its lease lapses.
+        #[arg(long)]
+        elect: bool,
+        /// The address clients reach this coordinator at, as followers report it (default: http://<listen>).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Leader lease in seconds: how long a dead leader holds on before a follower takes over.
+        #[arg(long, default_value_t = 2)]
+        election_ttl_s: i64,
         #[command(flatten)]
         stores: StoreArgs,
         #[command(flatten)]
@@ -200,7 +210,7 @@ pub fn serve(cmd: Serve) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         match cmd {
-            Serve::Coordinator { listen, stores: s, timing } => {
+            Serve::Coordinator { listen, elect, advertise, election_ttl_s, stores: s, timing } => {
                 let (store, blobs) = stores(&s.store, &s.blobs).await?;
                 let c = engram_coordinator::Coordinator::new(
                     coordinator_config(&timing),
@@ -208,11 +218,30 @@ pub fn serve(cmd: Serve) -> Result<()> {
                     blobs,
                     Arc::new(engram_transport::GrpcStream::default()),
                 );
-                c.recover().await?;
                 let listener =
                     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-                eprintln!("coordinator listening on {}", listener.local_addr()?);
-                engram_coordinator::serve(c, listener, shutdown_signal()).await
+                let addr = listener.local_addr()?;
+                eprintln!("coordinator listening on {addr}");
+                if !elect {
+                    c.recover().await?;
+                    return engram_coordinator::serve(c, listener, shutdown_signal()).await;
+                }
+                let (endpoints, prefix) = engram_lineage::etcd_url(&s.store)
+                    .context("--elect needs an etcd:// lineage store (the embedded one serves a single coordinator)")?;
+                let advertise = advertise.unwrap_or_else(|| format!("http://{addr}"));
+                let candidate =
+                    engram_lineage::election::Candidate::connect(&endpoints, &prefix, &advertise, election_ttl_s)
+                        .await?;
+                let server = tokio::spawn(engram_coordinator::serve(c.clone(), listener, shutdown_signal()));
+                tokio::select! {
+                    r = c.campaign(candidate) => {
+                        // Lost the lease: never act as leader again in this process; a supervisor restarts it.
+                        let why = r.err().unwrap_or_else(|| anyhow::anyhow!("campaign ended"));
+                        eprintln!("engram coordinator: {why:#}");
+                        std::process::exit(3);
+                    }
+                    r = server => r?,
+                }
             }
             Serve::Worker { coordinator, id, stores: s, engine } => {
                 let (store, blobs) = stores(&s.store, &s.blobs).await?;

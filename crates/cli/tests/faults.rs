@@ -3,7 +3,7 @@
 //! restarted, and the coordinator is killed and restarted on the same address. Afterwards every acknowledged job is
 //! live exactly once, the head's chain is exactly those jobs' versions, both replicas serve the head, and no answer
 //! was an error or came from a version older than the one before the newest seen.
-//! (Coordinator failover between several coordinators comes with the fault issue's HA work.)
+//! A second test runs two coordinators in high availability and kills the leader.
 
 mod common;
 
@@ -114,4 +114,112 @@ async fn kill_a_worker_a_replica_and_the_coordinator_under_load() {
     wait_ready(&client, 2).await;
     check(&client, &addrs, "faults", &out, DOCS).await;
     drop((coord, replicas, workers));
+}
+
+/// Two coordinators in high availability: the leader is killed with SIGKILL under load; the follower takes over
+/// within the election lease (2 s), resumes every unfinished job, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_coordinator_fails_over_under_load() {
+    if !engram_lineage::local_etcd::etcd_available_for_tests() {
+        return;
+    }
+    const HA_DOCS: usize = 16;
+    let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = etcd.url("/engram-ha");
+    let blobs = format!("file://{}", dir.path().join("blobs").display());
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    let common = ["--store", store.as_str(), "--blobs", blobs.as_str()];
+    let ports = [free_port(), free_port()];
+    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let both = addrs.join(",");
+    let mut coordinators: Vec<Proc> = (0..2)
+        .map(|i| {
+            let listen = format!("127.0.0.1:{}", ports[i]);
+            let args = [
+                &[
+                    "serve",
+                    "coordinator",
+                    "--listen",
+                    &listen,
+                    "--elect",
+                    "--election-ttl-s",
+                    "2",
+                    "--lease-ms",
+                    "2000",
+                ][..],
+                &common,
+            ]
+            .concat();
+            engram(&args, &log(&format!("coordinator-{i}")))
+        })
+        .collect();
+    let client = Client::connect(&both).await.unwrap();
+    let base = engram_model::BaseModel::load(&root().join("models/base"), &candle_core::Device::Cpu).unwrap();
+    // Until one is elected every call is refused; the SDK tries both.
+    let start = Instant::now();
+    while client.create_namespace("ha", &base.hash).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no coordinator was elected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client.create_namespace("probe", &"0".repeat(64)).await.unwrap();
+    let replica_addrs: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let _replicas: Vec<Proc> = replica_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, listen)| {
+            let id = format!("replica-{i}");
+            engram(
+                &[&["serve", "replica", "--listen", listen, "--coordinator", &both, "--id", &id][..], &common].concat(),
+                &log(&id),
+            )
+        })
+        .collect();
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let id = format!("worker-{i}");
+            engram(&[&["serve", "worker", "--coordinator", &both, "--id", &id][..], &common].concat(), &log(&id))
+        })
+        .collect();
+    wait_ready(&client, 2).await;
+    let replica_urls: Vec<String> = replica_addrs.iter().map(|a| format!("http://{a}")).collect();
+    let load = {
+        let (c, r) = (both.clone(), replica_urls.clone());
+        tokio::spawn(async move { workload(&c, &r, "ha", HA_DOCS, CLIENTS).await })
+    };
+    wait_for_live(&client, "ha", 4).await;
+
+    // Which one leads: a follower refuses with the leader's address.
+    let mut leader = None;
+    for (i, a) in addrs.iter().enumerate() {
+        let single = Client::connect(a).await.unwrap();
+        if single.versions("ha", 1).await.is_ok() {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("neither coordinator leads");
+    drop(std::mem::replace(&mut coordinators[leader], Proc::none())); // SIGKILL
+    let killed = Instant::now();
+    // Failover: from the kill to the first acknowledged request (on the new leader).
+    let mut n = 0;
+    let failover = loop {
+        n += 1;
+        let probe = Client::connect(&both).await.unwrap();
+        let key = format!("probe-{n}");
+        let req = probe.consolidate("probe", vec!["<doc> probe </doc>".into()], &key);
+        if tokio::time::timeout(Duration::from_secs(1), req).await.is_ok_and(|r| r.is_ok()) {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "no coordinator took over within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "leader coordinator-{leader} killed; failover to the first accepted request in {:.2} s",
+        failover.as_secs_f64()
+    );
+    assert!(failover < Duration::from_secs(7), "failover took {failover:?}, more than the lease (2 s) + 5 s");
+
+    let out = load.await.unwrap();
+    check(&client, &replica_urls, "ha", &out, HA_DOCS).await;
+    drop(coordinators);
 }

@@ -23,6 +23,7 @@ pub struct EtcdStore {
     client: Client,
     keys: Keys,
     endpoints: Vec<String>,
+    fence: std::sync::RwLock<Option<crate::Fence>>,
 }
 
 fn unavailable(e: etcd_client::Error) -> Error {
@@ -41,7 +42,7 @@ impl EtcdStore {
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(|e| Error::Unavailable(format!("etcd at {}: {e}", endpoints.join(","))))?;
-        let store = Self { client, keys: Keys::new(prefix), endpoints: endpoints.to_vec() };
+        let store = Self { client, keys: Keys::new(prefix), endpoints: endpoints.to_vec(), fence: Default::default() };
         // Fail now, with the address in the message, rather than on the first operation.
         store
             .get_raw(&store.keys.namespaces())
@@ -101,7 +102,11 @@ impl LineageStore for EtcdStore {
                 (r, std::mem::take(&mut tx.writes))
             };
             let mut client = self.client.clone();
-            let guards = reader.guards();
+            let mut guards = reader.guards();
+            let fence = self.fence.read().expect("fence").clone();
+            if let Some(f) = &fence {
+                guards.push(Compare::create_revision(f.key.as_str(), CompareOp::Equal, f.revision));
+            }
             let txn = match &result {
                 // A refusal is only final if what it was based on is still current.
                 Err(Error::Unavailable(_)) => return result,
@@ -113,6 +118,15 @@ impl LineageStore for EtcdStore {
             let resp = client.txn(txn).await.map_err(unavailable)?;
             if resp.succeeded() {
                 return result;
+            }
+            if let Some(f) = &fence {
+                let held = client.get(f.key.as_str(), None).await.map_err(unavailable)?;
+                if held.kvs().first().map(|kv| kv.create_revision()) != Some(f.revision) {
+                    return Err(Error::Fenced(format!(
+                        "election key {} is no longer ours; another leader took over",
+                        f.key
+                    )));
+                }
             }
             // Someone wrote what we read. Back off a little (more on repeats), with jitter so racers spread out,
             // and run again.
@@ -143,6 +157,10 @@ impl LineageStore for EtcdStore {
                 Ok((k.to_string(), kv.value().to_vec()))
             })
             .collect()
+    }
+
+    fn set_fence(&self, fence: Option<crate::Fence>) {
+        *self.fence.write().expect("fence") = fence;
     }
 
     async fn watch_head(&self, namespace: &str) -> Result<HeadWatch> {

@@ -13,6 +13,8 @@
 pub mod admin;
 pub mod bench;
 pub mod blob;
+#[cfg(feature = "etcd")]
+pub mod election;
 pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -50,6 +52,16 @@ pub enum Error {
     Corrupt(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// This process lost the leadership its writes were conditioned on.
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+/// A leader's election key at its creation revision: writes made under it succeed only while it still holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub revision: i64,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -87,6 +99,10 @@ pub trait LineageStore: Send + Sync + 'static {
     async fn scan(&self, prefix: &str, limit: Option<usize>, newest_first: bool) -> Result<Vec<(String, Vec<u8>)>>;
 
     async fn watch_head(&self, namespace: &str) -> Result<HeadWatch>;
+
+    /// Makes every later write conditional on `fence` (see [`Fence`]); a write after the key is gone or re-created
+    /// fails with [`Error::Fenced`]. A store without leadership (embedded: one process) ignores it.
+    fn set_fence(&self, _fence: Option<Fence>) {}
 
     // ---- provided: the lineage API ----
 
@@ -279,27 +295,27 @@ async fn get_json<S: LineageStore + ?Sized, T: DeserializeOwned>(store: &S, key:
     store.get_raw(key).await?.map(|b| decode(key, &b)).transpose()
 }
 
+/// The endpoints (`http://HOST:PORT`) and key prefix of an `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` URL.
+pub fn etcd_url(url: &str) -> Option<(Vec<String>, String)> {
+    let rest = url.strip_prefix("etcd://")?;
+    let (hosts, prefix) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/engram"),
+    };
+    Some((hosts.split(',').map(|h| format!("http://{h}")).collect(), prefix.to_string()))
+}
+
 /// Opens a lineage store from a URL: `file://DIR` (embedded, `DIR/lineage.redb`) or
 /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (prefix defaults to `/engram`).
 pub async fn open(url: &str) -> Result<Arc<dyn LineageStore>> {
     if let Some(dir) = url.strip_prefix("file://") {
         return Ok(Arc::new(embedded::EmbeddedStore::open(std::path::Path::new(dir))?));
     }
-    if let Some(rest) = url.strip_prefix("etcd://") {
+    if let Some((_endpoints, _prefix)) = etcd_url(url) {
         #[cfg(feature = "etcd")]
-        {
-            let (hosts, prefix) = match rest.find('/') {
-                Some(i) => (&rest[..i], &rest[i..]),
-                None => (rest, "/engram"),
-            };
-            let endpoints: Vec<String> = hosts.split(',').map(|h| format!("http://{h}")).collect();
-            return Ok(Arc::new(etcd::EtcdStore::connect(&endpoints, prefix).await?));
-        }
+        return Ok(Arc::new(etcd::EtcdStore::connect(&_endpoints, &_prefix).await?));
         #[cfg(not(feature = "etcd"))]
-        {
-            let _ = rest;
-            return Err(Error::Invalid("this build has no etcd support (cargo feature `etcd`)".into()));
-        }
+        return Err(Error::Invalid("this build has no etcd support (cargo feature `etcd`)".into()));
     }
     Err(Error::Invalid(format!("store {url:?}: expected file://DIR or etcd://HOST:PORT[/PREFIX]")))
 }

@@ -53,17 +53,58 @@ fn transient(s: &tonic::Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::ResourceExhausted | Code::Unknown)
 }
 
-/// A client of the coordinator.
+/// A client of the coordinator (or of several: the one that leads answers, the others redirect by refusing).
 #[derive(Clone)]
 pub struct Client {
-    inner: CoordinatorClient<Channel>,
+    endpoints: Vec<CoordinatorClient<Channel>>,
+    /// The endpoint that answered last.
+    current: std::sync::Arc<AtomicUsize>,
     actor: String,
 }
 
 impl Client {
-    /// Connects, retrying for up to [`CONNECT_PATIENCE`] while the coordinator starts.
+    /// Connects to `address` (`http://host:port`, or several separated by commas for coordinators in high
+    /// availability). One address: retries for up to [`CONNECT_PATIENCE`] while the coordinator starts. Several:
+    /// connects lazily, and each call goes to the one that answers as leader.
     pub async fn connect(address: &str) -> Result<Self> {
-        Ok(Self { inner: CoordinatorClient::new(channel(address).await?), actor: "sdk".into() })
+        let addresses: Vec<&str> = address.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+        let endpoints = match addresses.as_slice() {
+            [] => bail!("no coordinator address"),
+            [one] => vec![CoordinatorClient::new(channel(one).await?)],
+            many => many
+                .iter()
+                .map(|a| {
+                    let e = Endpoint::from_shared(a.to_string()).with_context(|| format!("{a:?} is not a URL"))?;
+                    Ok(CoordinatorClient::new(
+                        e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy(),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        Ok(Self { endpoints, current: Default::default(), actor: "sdk".into() })
+    }
+
+    /// Runs `f` on the coordinator that answered last; on an unavailable one (down, or a follower), on the next.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(CoordinatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let n = self.endpoints.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match f(self.endpoints[i].clone()).await {
+                Ok(r) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(r.into_inner());
+                }
+                Err(s) if transient(&s) => last = Some(s),
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
     }
 
     /// Names who acts in the lineage's history (default `sdk`).
@@ -72,14 +113,19 @@ impl Client {
         self
     }
 
+    /// The generated client of the coordinator that answered last.
     pub fn raw(&self) -> CoordinatorClient<Channel> {
-        self.inner.clone()
+        self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()].clone()
     }
 
     pub async fn create_namespace(&self, name: &str, base_model: &str) -> Result<Namespace, tonic::Status> {
         let r =
             pb::CreateNamespaceRequest { name: name.into(), base_model: base_model.into(), actor: self.actor.clone() };
-        Ok(self.inner.clone().create_namespace(r).await?.into_inner())
+        self.call(|mut c| {
+            let r = r.clone();
+            async move { c.create_namespace(r).await }
+        })
+        .await
     }
 
     /// Submits documents; retries transient failures with the same idempotency key, so the job exists once.
@@ -108,8 +154,12 @@ impl Client {
         };
         let mut tries = 0;
         loop {
-            match self.inner.clone().consolidate(r.clone()).await {
-                Ok(j) => return Ok(j.into_inner()),
+            let attempt = self.call(|mut c| {
+                let r = r.clone();
+                async move { c.consolidate(r).await }
+            });
+            match attempt.await {
+                Ok(j) => return Ok(j),
                 // Up to ~15 s in all: long enough for a coordinator to restart.
                 Err(s) if transient(&s) && tries < 8 => {
                     tries += 1;
@@ -121,7 +171,12 @@ impl Client {
     }
 
     pub async fn job(&self, id: &str) -> Result<Job, tonic::Status> {
-        Ok(self.inner.clone().get_job(pb::GetJobRequest { id: id.into() }).await?.into_inner())
+        let id = id.to_string();
+        self.call(|mut c| {
+            let r = pb::GetJobRequest { id: id.clone() };
+            async move { c.get_job(r).await }
+        })
+        .await
     }
 
     /// Follows a job until it is final (live, rejected or failed) and returns it; `on_change` sees every state.
@@ -131,7 +186,13 @@ impl Client {
         use futures::StreamExt;
         let mut since_ok = std::time::Instant::now();
         loop {
-            match self.inner.clone().watch_job(pb::GetJobRequest { id: id.into() }).await {
+            let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let opened = self.endpoints[i].clone().watch_job(pb::GetJobRequest { id: id.into() }).await;
+            if matches!(&opened, Err(s) if transient(s)) {
+                // Down or a follower: the next call goes to the next coordinator.
+                self.current.store((i + 1) % self.endpoints.len(), Ordering::Relaxed);
+            }
+            match opened {
                 Ok(stream) => {
                     let mut stream = stream.into_inner();
                     while let Some(item) = stream.next().await {
@@ -172,21 +233,29 @@ impl Client {
             reason: reason.into(),
             actor: self.actor.clone(),
         };
-        Ok(self.inner.clone().rollback(r).await?.into_inner())
+        self.call(|mut c| {
+            let r = r.clone();
+            async move { c.rollback(r).await }
+        })
+        .await
     }
 
     pub async fn versions(&self, namespace: &str, limit: u32) -> Result<pb::ListVersionsResponse, tonic::Status> {
-        Ok(self
-            .inner
-            .clone()
-            .list_versions(pb::ListVersionsRequest { namespace: namespace.into(), limit })
-            .await?
-            .into_inner())
+        let r = pb::ListVersionsRequest { namespace: namespace.into(), limit };
+        self.call(|mut c| {
+            let r = r.clone();
+            async move { c.list_versions(r).await }
+        })
+        .await
     }
 
     pub async fn replicas(&self, namespace: &str) -> Result<Vec<pb::ReplicaInfo>, tonic::Status> {
         let r = pb::ListReplicasRequest { namespace: namespace.into() };
-        Ok(self.inner.clone().list_replicas(r).await?.into_inner().replicas)
+        let out = self.call(|mut c| {
+            let r = r.clone();
+            async move { c.list_replicas(r).await }
+        });
+        Ok(out.await?.replicas)
     }
 }
 

@@ -223,7 +223,7 @@ pub fn status(e: &anyhow::Error) -> tonic::Status {
         Some(L::AlreadyExists(_)) => tonic::Status::already_exists(msg),
         Some(L::Conflict(_)) => tonic::Status::aborted(msg),
         Some(L::Invalid(_)) => tonic::Status::invalid_argument(msg),
-        Some(L::Unavailable(_)) => tonic::Status::unavailable(msg),
+        Some(L::Unavailable(_)) | Some(L::Fenced(_)) => tonic::Status::unavailable(msg),
         Some(L::Corrupt(_)) | None => tonic::Status::internal(msg),
     }
 }

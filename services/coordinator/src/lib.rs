@@ -89,6 +89,9 @@ pub struct Coordinator {
     /// Every job change, for `WatchJob`.
     changes: broadcast::Sender<Job>,
     channels: Mutex<HashMap<String, tonic::transport::Channel>>,
+    /// `None`: this coordinator leads (the only one, or the election's winner). `Some(addr)`: a follower; `addr` is
+    /// the leader's address as the election reports it (empty while unknown).
+    follower_of: std::sync::RwLock<Option<String>>,
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -117,7 +120,63 @@ impl Coordinator {
             wake: Notify::new(),
             changes,
             channels: Mutex::new(HashMap::new()),
+            follower_of: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Refuses the call unless this coordinator leads; the error names the leader, so clients go there.
+    fn lead(&self) -> Result<(), Status> {
+        match &*self.follower_of.read().expect("role") {
+            None => Ok(()),
+            Some(leader) => Err(Status::unavailable(format!(
+                "this coordinator is a follower; the leader is {}",
+                if leader.is_empty() { "being elected" } else { leader }
+            ))),
+        }
+    }
+
+    /// Runs as a follower until elected, then leads: fences every store write with the election key, resumes every
+    /// unfinished job and serves. Returns when leadership is lost, after which the process must not act as leader
+    /// again (the caller exits; a supervisor restarts it as a follower).
+    #[cfg(feature = "etcd")]
+    pub async fn campaign(self: &Arc<Self>, candidate: engram_lineage::election::Candidate) -> Result<()> {
+        *self.follower_of.write().expect("role") = Some(String::new());
+        let candidate = Arc::new(candidate);
+        let watcher = {
+            let (me, c) = (self.clone(), candidate.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(leader) = c.leader().await {
+                        let mut role = me.follower_of.write().expect("role");
+                        if role.is_some() {
+                            *role = Some(leader.unwrap_or_default());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
+        let mut won = loop {
+            match candidate.campaign().await {
+                Ok(w) => break w,
+                Err(e) => {
+                    tracing::warn!("campaign failed, trying again: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        watcher.abort();
+        self.store.set_fence(Some(won.fence.clone()));
+        self.recover().await?;
+        *self.follower_of.write().expect("role") = None;
+        tracing::info!("elected leader (election key revision {})", won.fence.revision);
+        while !*won.lost.borrow() {
+            if won.lost.changed().await.is_err() {
+                break;
+            }
+        }
+        *self.follower_of.write().expect("role") = Some(String::new());
+        anyhow::bail!("lost the coordinator lease; stepping down")
     }
 
     pub fn store(&self) -> &Arc<dyn LineageStore> {
@@ -724,6 +783,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         r: Request<pb::CreateNamespaceRequest>,
     ) -> Result<Response<pb::Namespace>, Status> {
+        self.0.lead()?;
         let r = r.into_inner();
         if r.base_model.len() != 64 || !r.base_model.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(invalid(format!(
@@ -738,10 +798,12 @@ impl coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn consolidate(&self, r: Request<pb::ConsolidateRequest>) -> Result<Response<pb::Job>, Status> {
+        self.0.lead()?;
         self.0.consolidate(r.into_inner()).await.map(|j| Response::new(convert::job(&j)))
     }
 
     async fn get_job(&self, r: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.0.lead()?;
         let j = self.0.store.job(&r.into_inner().id).await.map_err(lineage)?;
         Ok(Response::new(convert::job(&j)))
     }
@@ -749,6 +811,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     type WatchJobStream = JobStream;
 
     async fn watch_job(&self, r: Request<pb::GetJobRequest>) -> Result<Response<JobStream>, Status> {
+        self.0.lead()?;
         let id = r.into_inner().id;
         // Subscribe before reading, so no change falls between the read and the stream.
         let mut rx = self.0.changes.subscribe();
@@ -786,6 +849,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         r: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        self.0.lead()?;
         let r = r.into_inner();
         let limit = (r.limit > 0).then_some(r.limit as usize);
         let ns = self.0.store.namespace(&r.namespace).await.map_err(lineage)?;
@@ -797,6 +861,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn get_version(&self, r: Request<pb::GetVersionRequest>) -> Result<Response<pb::Version>, Status> {
+        self.0.lead()?;
         let r = r.into_inner();
         let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
         let id = self.0.store.resolve(ns, &r.version).await.map_err(lineage)?;
@@ -804,10 +869,12 @@ impl coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn rollback(&self, r: Request<pb::RollbackRequest>) -> Result<Response<pb::Namespace>, Status> {
+        self.0.lead()?;
         self.0.rollback(r.into_inner()).await.map(|n| Response::new(convert::namespace(&n)))
     }
 
     async fn promote(&self, r: Request<pb::PromoteRequest>) -> Result<Response<pb::Namespace>, Status> {
+        self.0.lead()?;
         self.0.promote(r.into_inner()).await.map(|n| Response::new(convert::namespace(&n)))
     }
 
@@ -815,6 +882,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         r: Request<pb::ListReplicasRequest>,
     ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.0.lead()?;
         Ok(Response::new(pb::ListReplicasResponse { replicas: self.0.replicas(&r.into_inner().namespace).await }))
     }
 }
@@ -836,6 +904,7 @@ pub struct MembershipService(pub Arc<Coordinator>);
 #[tonic::async_trait]
 impl membership_server::Membership for MembershipService {
     async fn register_worker(&self, r: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.0.lead()?;
         let r = r.into_inner();
         if r.id.is_empty() || r.base_models.is_empty() {
             return Err(invalid("a worker registers with an id and the base models it has loaded"));
@@ -853,6 +922,7 @@ impl membership_server::Membership for MembershipService {
     }
 
     async fn register_replica(&self, r: Request<pb::RegisterReplicaRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.0.lead()?;
         let r = r.into_inner();
         if r.id.is_empty() || r.address.is_empty() {
             return Err(invalid("a replica registers with an id and the address of its Replica service"));
@@ -869,6 +939,7 @@ impl membership_server::Membership for MembershipService {
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.0.lead()?;
         let r = r.into_inner();
         let ttl = self.0.cfg.lease_ttl;
         let renewed = {
@@ -892,10 +963,12 @@ impl membership_server::Membership for MembershipService {
     }
 
     async fn next_job(&self, r: Request<pb::NextJobRequest>) -> Result<Response<pb::JobAssignment>, Status> {
+        self.0.lead()?;
         self.0.next_job(r.into_inner()).await.map(Response::new)
     }
 
     async fn complete_job(&self, r: Request<pb::CompleteJobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.0.lead()?;
         self.0.complete(r.into_inner()).await.map(|j| Response::new(convert::job(&j)))
     }
 }

@@ -349,17 +349,26 @@ impl Replica {
     }
 
     /// Registers with the coordinator and keeps the lease alive; registers again when it lapsed.
+    /// With several coordinator addresses (comma-separated), tries the next one whenever one fails or refuses.
     async fn membership(self: Arc<Self>, address: String) {
+        let addresses: Vec<String> = address.split(',').map(|a| a.trim().to_string()).collect();
+        let mut i = 0;
         let mut client: Option<MembershipClient<tonic::transport::Channel>> = None;
         let mut lease: Option<(u64, u32)> = None;
         loop {
-            let wait = match self.membership_step(&address, &mut client, &mut lease).await {
+            let address = &addresses[i % addresses.len()];
+            let wait = match self.membership_step(address, &mut client, &mut lease).await {
                 Ok(()) => lease.map_or(1000, |(_, ttl)| (ttl / 3).max(100)) as u64,
                 Err(e) => {
                     tracing::debug!(replica = %self.cfg.id, "coordinator: {e:#}");
                     lease = None;
                     client = None;
-                    500
+                    i += 1;
+                    if addresses.len() > 1 {
+                        100
+                    } else {
+                        500
+                    }
                 }
             };
             tokio::time::sleep(Duration::from_millis(wait)).await;

@@ -243,18 +243,23 @@ impl Worker {
 
     /// Registers, then pulls and runs jobs until `stop` is set; re-registers whenever the lease lapsed or the
     /// coordinator restarted.
+    /// With several coordinator addresses (comma-separated), a session that ends (the leader died, or this one is a
+    /// follower) continues with the next.
     pub async fn run(&self, stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+        let addresses: Vec<String> = self.cfg.coordinator.split(',').map(|a| a.trim().to_string()).collect();
+        let mut i = 0;
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            if let Err(e) = self.session(&stop).await {
+            if let Err(e) = self.session(&addresses[i % addresses.len()], &stop).await {
                 tracing::warn!(worker = %self.cfg.id, "coordinator session ended: {e:#}; reconnecting");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(if addresses.len() > 1 { 100 } else { 500 })).await;
             }
         }
         Ok(())
     }
 
-    async fn session(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
-        let mut client = MembershipClient::connect(self.cfg.coordinator.clone()).await?;
+    async fn session(&self, address: &str, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        let mut client = MembershipClient::connect(address.to_string()).await?;
         let lease = client
             .register_worker(pb::RegisterWorkerRequest {
                 id: self.cfg.id.clone(),

@@ -1,0 +1,95 @@
+//! Leader election for coordinators, through etcd's election API.
+//!
+//! A candidate holds a lease (`ttl`), kept alive in the background, and campaigns under
+//! `{prefix}/election/coordinator`; the winner's value is its address, so followers can tell clients where to go.
+//! The winner's election key at its creation revision is a [`Fence`]: with it set on the store, every lineage write
+//! is conditional on still holding the key, so a leader that lost its lease (paused, partitioned) can no longer write
+//! once another has taken over.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use tokio::sync::watch;
+
+use crate::{Error, Fence, Result};
+
+fn unavailable(e: etcd_client::Error) -> Error {
+    Error::Unavailable(format!("etcd election: {e}"))
+}
+
+pub struct Candidate {
+    client: Client,
+    name: String,
+    value: String,
+    ttl: i64,
+}
+
+/// Leadership won by [`Candidate::campaign`]; `lost` turns true when the lease could not be kept alive.
+pub struct Leadership {
+    pub fence: Fence,
+    pub lease: i64,
+    pub lost: watch::Receiver<bool>,
+}
+
+impl Candidate {
+    /// `value` is what followers report as the leader (its address); `ttl` the lease in seconds (failover time).
+    pub async fn connect(endpoints: &[String], prefix: &str, value: &str, ttl: i64) -> Result<Self> {
+        let opts =
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(5));
+        let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
+        let name = format!("{}/election/coordinator", prefix.trim_end_matches('/'));
+        Ok(Self { client, name, value: value.to_string(), ttl: ttl.max(1) })
+    }
+
+    /// Waits until this candidate leads.
+    pub async fn campaign(&self) -> Result<Leadership> {
+        let mut lease_client = self.client.lease_client();
+        let lease = lease_client.grant(self.ttl, None).await.map_err(unavailable)?.id();
+        let (lost_tx, lost) = watch::channel(false);
+        let (mut keeper, mut stream) = lease_client.keep_alive(lease).await.map_err(unavailable)?;
+        let every = Duration::from_millis((self.ttl as u64 * 1000 / 3).max(100));
+        let keepalive = tokio::spawn(async move {
+            loop {
+                let alive = async {
+                    keeper.keep_alive().await?;
+                    Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+                };
+                match tokio::time::timeout(every, alive).await {
+                    Ok(Ok(true)) => {}
+                    outcome => {
+                        tracing::error!("coordinator lease {lease:x} lost ({outcome:?})");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        let mut election = self.client.election_client();
+        let won = match election.campaign(self.name.as_str(), self.value.as_str(), lease).await {
+            Ok(w) => w,
+            Err(e) => {
+                // Give the lease back rather than leave it to expire, and stop keeping it alive.
+                keepalive.abort();
+                let _ = lease_client.revoke(lease).await;
+                return Err(unavailable(e));
+            }
+        };
+        let key = won.leader().ok_or_else(|| Error::Unavailable("campaign returned no leader key".into()))?;
+        let fence = Fence { key: String::from_utf8_lossy(key.key()).into_owned(), revision: key.rev() };
+        Ok(Leadership { fence, lease, lost })
+    }
+
+    /// The current leader's value (address), if there is one.
+    pub async fn leader(&self) -> Result<Option<String>> {
+        let mut election = self.client.election_client();
+        let asked = tokio::time::timeout(Duration::from_secs(2), election.leader(self.name.as_str()));
+        let answer = asked.await.map_err(|_| Error::Unavailable("etcd election: leader query timed out".into()))?;
+        match answer {
+            Ok(r) => Ok(r.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            // No leader yet is reported as an error by etcd.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
