@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod bench_load;
 mod bench_service;
 mod service;
 use engram_world::{Phrasing, Rng, SkillTask, Split, World};
@@ -231,6 +232,10 @@ enum BenchCommand {
     /// The service: acknowledged consolidation requests/s and latency (durable before the reply), and seconds from
     /// request to live on every replica split into queue, inject, stage and commit; embedded store and etcd.
     Service(bench_service::ServiceBenchArgs),
+    /// The service under load and faults: real processes (two coordinators in high availability, workers,
+    /// replicas) under concurrent clients; throughput, p50/p99 and errors steady, with a replica killed, with the
+    /// leader killed; then the leader failover time (SIGKILL -> first accepted request), p50/p99.
+    Load(bench_load::LoadBenchArgs),
     /// N documents injected one after another, the state carried from each to the next as the service carries a
     /// namespace's head. Every --eval-every documents: reliability (closed-book recall of every fact injected so
     /// far), generalization (held-out phrasing), locality (known recall, reading, skills relative to the base
@@ -461,6 +466,7 @@ fn main() -> Result<()> {
         }
         Command::Ask { question, model, adapter } => ask(&question, &model, adapter.as_deref()),
         Command::Bench(BenchCommand::Service(a)) => bench_service::run(a),
+        Command::Bench(BenchCommand::Load(a)) => bench_load::run(a),
         Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
             bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
         }
