@@ -223,3 +223,115 @@ async fn the_leader_coordinator_fails_over_under_load() {
     check(&client, &replica_urls, "ha", &out, HA_DOCS).await;
     drop(coordinators);
 }
+
+/// Starts coordinator(s), workers and replicas over `store`; returns (processes, coordinator list, replica URLs).
+fn cluster(
+    store: &str,
+    dir: &std::path::Path,
+    coordinators: usize,
+    coordinator_extra: &[&str],
+    workers: usize,
+    replica_env: &[Vec<(&str, &str)>],
+) -> (Vec<Proc>, String, Vec<String>) {
+    let blobs = format!("file://{}", dir.join("blobs").display());
+    let common = ["--store", store, "--blobs", blobs.as_str()];
+    let log = |n: &str| dir.join(format!("{n}.log"));
+    let ports: Vec<u16> = (0..coordinators).map(|_| free_port()).collect();
+    let both = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let mut procs = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let listen = format!("127.0.0.1:{p}");
+        let mut args = vec!["serve", "coordinator", "--listen", &listen];
+        if coordinators > 1 {
+            args.extend(["--elect", "--election-ttl-s", "2"]);
+        }
+        args.extend_from_slice(coordinator_extra);
+        procs.push(engram(&[&args[..], &common].concat(), &log(&format!("coordinator-{i}"))));
+    }
+    let mut urls = Vec::new();
+    for (i, env) in replica_env.iter().enumerate() {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let id = format!("replica-{i}");
+        let args =
+            [&["serve", "replica", "--listen", &listen, "--coordinator", &both, "--id", &id][..], &common].concat();
+        procs.push(engram_with_env(&args, &log(&id), env));
+        urls.push(format!("http://{listen}"));
+    }
+    for i in 0..workers {
+        let id = format!("worker-{i}");
+        procs.push(engram(
+            &[&["serve", "worker", "--coordinator", &both, "--id", &id][..], &common].concat(),
+            &log(&id),
+        ));
+    }
+    (procs, both, urls)
+}
+
+async fn namespace(client: &Client, ns: &str) {
+    let base = engram_model::BaseModel::load(&root().join("models/base"), &candle_core::Device::Cpu).unwrap();
+    let start = Instant::now();
+    while client.create_namespace(ns, &base.hash).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no coordinator answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One of three etcd members is killed under load: the store keeps its quorum, the service should go on.
+/// KNOWN FAILURE, so ignored: etcd-client keeps sending part of the requests (and the election lease's keep-alive)
+/// to the dead member's endpoint, so the leader loses its lease and the new leader's writes fail intermittently
+/// until the run wedges. Run it with `--ignored` while fixing (the fault issue tracks it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "etcd-client keeps routing to a dead member; see the doc comment"]
+async fn an_etcd_member_dies_under_load() {
+    if !engram_lineage::local_etcd::etcd_available_for_tests() {
+        return;
+    }
+    const N: usize = 12;
+    let mut etcd = engram_lineage::local_etcd::LocalEtcdCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = etcd.url("/engram-quorum");
+    let (procs, coordinators, replicas) = cluster(&store, dir.path(), 2, &[], 1, &[vec![], vec![]]);
+    let client = Client::connect(&coordinators).await.unwrap();
+    namespace(&client, "quorum").await;
+    wait_ready(&client, 2).await;
+    let load = {
+        let (c, r) = (coordinators.clone(), replicas.clone());
+        tokio::spawn(async move { workload(&c, &r, "quorum", N, CLIENTS).await })
+    };
+    wait_for_live(&client, "quorum", 3).await;
+    etcd.kill(0);
+    eprintln!("killed etcd member m0 at {} live versions", live_jobs(&client, "quorum").await);
+    let out = load.await.unwrap();
+    check(&client, &replicas, "quorum", &out, N).await;
+    etcd.restart(0).unwrap();
+    drop(procs);
+}
+
+/// A replica that acknowledges staging late (beyond the stage timeout) does not hold the others back: it is passed
+/// over, the head moves, and it catches up through the head watch; answers still only come from live versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_replica_does_not_block_the_others() {
+    if !engram_lineage::local_etcd::etcd_available_for_tests() {
+        return;
+    }
+    const N: usize = 8;
+    let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = etcd.url("/engram-slow");
+    let slow = vec![("ENGRAM_FAULT_STAGE_DELAY_MS", "3000")];
+    let (procs, coordinators, replicas) =
+        cluster(&store, dir.path(), 1, &["--stage-timeout-ms", "1000"], 1, &[vec![], slow]);
+    let client = Client::connect(&coordinators).await.unwrap();
+    namespace(&client, "slow").await;
+    wait_ready(&client, 2).await;
+    let out = workload(&coordinators, &replicas, "slow", N, CLIENTS).await;
+    check(&client, &replicas, "slow", &out, N).await;
+    // Every job waited for the stage timeout at most, not for the slow replica's 3 s.
+    for j in &out.jobs {
+        let stage = j.timings.unwrap_or_default().stage_ms;
+        assert!(stage < 2500.0, "job {} staged for {stage} ms: the slow replica held it back", j.id);
+    }
+    let log = std::fs::read_to_string(dir.path().join("coordinator-0.log")).unwrap();
+    assert!(log.contains("marked stale"), "the slow replica was never marked stale");
+    drop(procs);
+}

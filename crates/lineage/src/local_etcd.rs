@@ -1,5 +1,5 @@
-//! A throwaway single-member etcd on loopback, for tests and benchmarks: free ports, a temporary data directory,
-//! killed when dropped.
+//! A throwaway etcd on loopback, for tests and benchmarks: one member ([`LocalEtcd`]) or a cluster
+//! ([`LocalEtcdCluster`]); free ports, temporary data directories, killed when dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -51,26 +51,39 @@ impl LocalEtcd {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        let initial = format!("engram-test=http://127.0.0.1:{}", self.peer_port);
+        self.launch("engram-test", &initial)?;
+        self.wait_ready()
+    }
+
+    fn launch(&mut self, name: &str, initial_cluster: &str) -> Result<()> {
         let bin = etcd_binary().ok_or_else(|| Error::Unavailable("no etcd binary (install etcd-server)".into()))?;
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log =
-            std::fs::File::create(self.dir.path().join("etcd.log")).map_err(|e| Error::Unavailable(e.to_string()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
         let child = Command::new(&bin)
-            .arg("--name=engram-test")
+            .arg(format!("--name={name}"))
             .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=engram-test={peer}"))
+            .arg(format!("--initial-cluster={initial_cluster}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| Error::Unavailable(e.to_string()))?)
             .stderr(log)
             .spawn()
             .map_err(|e| Error::Unavailable(format!("starting {}: {e}", bin.display())))?;
         self.child = Some(child);
-        // Ready when the client port accepts connections.
+        Ok(())
+    }
+
+    /// Ready when the client port accepts connections.
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -114,5 +127,52 @@ impl LocalEtcd {
 impl Drop for LocalEtcd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A throwaway multi-member etcd cluster on loopback; members can be killed and restarted one by one.
+pub struct LocalEtcdCluster {
+    members: Vec<LocalEtcd>,
+}
+
+impl LocalEtcdCluster {
+    pub fn start(n: usize) -> Result<Self> {
+        let mut members = Vec::with_capacity(n);
+        for _ in 0..n {
+            let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;
+            members.push(LocalEtcd { child: None, dir, client_port: free_port()?, peer_port: free_port()? });
+        }
+        let initial: Vec<String> =
+            members.iter().enumerate().map(|(i, m)| format!("m{i}=http://127.0.0.1:{}", m.peer_port)).collect();
+        let initial = initial.join(",");
+        // Members wait for each other before they serve: start every one, then wait for all.
+        for (i, m) in members.iter_mut().enumerate() {
+            m.launch(&format!("m{i}"), &initial)?;
+        }
+        for m in &mut members {
+            m.wait_ready()?;
+        }
+        Ok(Self { members })
+    }
+
+    /// A store URL naming every member.
+    pub fn url(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = self.members.iter().map(LocalEtcd::endpoint).collect();
+        format!("etcd://{}{prefix}", hosts.join(","))
+    }
+
+    /// SIGKILL of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// Starts member `i` again on its data (it rejoins the cluster).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let initial: Vec<String> =
+            self.members.iter().enumerate().map(|(j, m)| format!("m{j}=http://127.0.0.1:{}", m.peer_port)).collect();
+        let m = &mut self.members[i];
+        m.kill();
+        m.launch(&format!("m{i}"), &initial.join(","))?;
+        m.wait_ready()
     }
 }

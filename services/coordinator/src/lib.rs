@@ -727,7 +727,8 @@ impl Coordinator {
     }
 
     async fn replicas(&self, namespace: &str) -> Vec<pb::ReplicaInfo> {
-        let (members, stale): (Vec<(String, String, Vec<String>, Instant)>, HashMap<String, HashSet<String>>) = {
+        type Members = Vec<(String, String, Vec<String>, Instant)>;
+        let (members, stale): (Members, HashMap<String, HashSet<String>>) = {
             let st = self.state.lock().expect("state");
             let m = st.replicas.iter().map(|(id, m)| (id.clone(), m.address.clone(), m.transports.clone(), m.expires));
             (m.collect(), st.stale.clone())

@@ -249,6 +249,10 @@ impl Replica {
         }
         let delta = Delta::decode(&received.bytes).map_err(|e| invalid(format!("not a delta: {e}")))?;
         self.base.check_delta(&delta).map_err(|e| invalid(format!("delta for version {}: {e}", version.short())))?;
+        // Fault injection for tests and drills: a replica that acknowledges staging late.
+        if let Some(ms) = std::env::var("ENGRAM_FAULT_STAGE_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let parent_model = self.materialize(parent.as_ref()).await.map_err(|e| status(&e))?;
         let model = blocking(move || Ok(parent_model.merged(&[&delta])?)).await.map_err(|e| status(&e))?;
         self.cache.lock().expect("cache").put(version.clone(), Arc::new(model));

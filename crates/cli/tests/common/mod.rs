@@ -34,12 +34,18 @@ impl Drop for Proc {
 }
 
 pub fn engram(args: &[&str], log: &Path) -> Proc {
+    engram_with_env(args, log, &[])
+}
+
+/// [`engram`] with extra environment variables (fault injection).
+pub fn engram_with_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_engram"))
         .args(args)
         .current_dir(root())
         .env("ENGRAM_CACHE", Path::new(env!("CARGO_TARGET_TMPDIR")).join("engram-cache"))
         .env("ENGRAM_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
