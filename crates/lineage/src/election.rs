@@ -35,7 +35,8 @@ impl Candidate {
     /// `value` is what followers report as the leader (its address); `ttl` the lease in seconds (failover time).
     pub async fn connect(endpoints: &[String], prefix: &str, value: &str, ttl: i64) -> Result<Self> {
         let opts =
-            ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(5));
+            // No request timeout: a campaign blocks for as long as another candidate leads.
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(3));
         let client = Client::connect(endpoints, Some(opts)).await.map_err(unavailable)?;
         let name = format!("{}/election/coordinator", prefix.trim_end_matches('/'));
         Ok(Self { client, name, value: value.to_string(), ttl: ttl.max(1) })
@@ -46,21 +47,48 @@ impl Candidate {
         let mut lease_client = self.client.lease_client();
         let lease = lease_client.grant(self.ttl, None).await.map_err(unavailable)?.id();
         let (lost_tx, lost) = watch::channel(false);
-        let (mut keeper, mut stream) = lease_client.keep_alive(lease).await.map_err(unavailable)?;
+        let (keeper, stream) = lease_client.keep_alive(lease).await.map_err(unavailable)?;
         let every = Duration::from_millis((self.ttl as u64 * 1000 / 3).max(100));
+        let ttl = Duration::from_secs(self.ttl as u64);
         let keepalive = tokio::spawn(async move {
+            let mut channel = Some((keeper, stream));
+            let mut last_ok = std::time::Instant::now();
             loop {
-                let alive = async {
-                    keeper.keep_alive().await?;
-                    Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+                // A broken keep-alive stream (its etcd member died) is opened again, maybe on another member; the
+                // lease is lost only when no keep-alive got through for a whole TTL.
+                if channel.is_none() {
+                    channel = lease_client.keep_alive(lease).await.ok();
+                }
+                let ok = match channel.as_mut() {
+                    Some((keeper, stream)) => {
+                        let alive = async {
+                            keeper.keep_alive().await?;
+                            Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
+                        };
+                        match tokio::time::timeout(every, alive).await {
+                            Ok(Ok(Some(t))) if t > 0 => true,
+                            Ok(Ok(Some(_))) => {
+                                // etcd says the lease is gone: no retry can bring it back.
+                                last_ok = std::time::Instant::now() - ttl;
+                                false
+                            }
+                            _ => false,
+                        }
+                    }
+                    None => false,
                 };
-                match tokio::time::timeout(every, alive).await {
-                    Ok(Ok(true)) => {}
-                    outcome => {
-                        tracing::error!("coordinator lease {lease:x} lost ({outcome:?})");
+                if ok {
+                    last_ok = std::time::Instant::now();
+                } else {
+                    channel = None;
+                    if last_ok.elapsed() >= ttl {
+                        tracing::error!("coordinator lease {lease:x} lost: no keep-alive got through for {ttl:?}");
                         let _ = lost_tx.send(true);
                         return;
                     }
+                    tracing::warn!("coordinator lease {lease:x}: keep-alive failed, trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
                 tokio::time::sleep(every).await;
             }
@@ -71,7 +99,7 @@ impl Candidate {
             Err(e) => {
                 // Give the lease back rather than leave it to expire, and stop keeping it alive.
                 keepalive.abort();
-                let _ = lease_client.revoke(lease).await;
+                let _ = self.client.lease_client().revoke(lease).await;
                 return Err(unavailable(e));
             }
         };

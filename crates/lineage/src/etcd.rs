@@ -30,6 +30,12 @@ fn unavailable(e: etcd_client::Error) -> Error {
     Error::Unavailable(format!("etcd: {e}"))
 }
 
+/// A request that never reached a member (its connection failed): safe to send again, and the client's balancer
+/// may pick a live member next time.
+fn unreached(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(m) if m.contains("tcp connect error") || m.contains("transport error"))
+}
+
 impl EtcdStore {
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
         if !prefix.starts_with('/') {
@@ -49,6 +55,24 @@ impl EtcdStore {
             .await
             .map_err(|e| Error::Unavailable(format!("etcd at {}: {e}", endpoints.join(","))))?;
         Ok(store)
+    }
+}
+
+/// Runs `f` again (a few times, briefly) while its request did not reach any member.
+async fn retry_unreached<T, F, Fut>(f: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Err(e) if unreached(&e) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -108,6 +132,10 @@ impl LineageStore for EtcdStore {
                 guards.push(Compare::create_revision(f.key.as_str(), CompareOp::Equal, f.revision));
             }
             let txn = match &result {
+                Err(e) if unreached(e) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
                 // A refusal is only final if what it was based on is still current.
                 Err(Error::Unavailable(_)) => return result,
                 Err(_) => Txn::new().when(guards),
@@ -115,7 +143,14 @@ impl LineageStore for EtcdStore {
                     .when(guards)
                     .and_then(writes.into_iter().map(|(k, v)| TxnOp::put(k, v, None)).collect::<Vec<_>>()),
             };
-            let resp = client.txn(txn).await.map_err(unavailable)?;
+            let resp = match client.txn(txn).await.map_err(unavailable) {
+                Ok(r) => r,
+                Err(e) if unreached(&e) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if resp.succeeded() {
                 return result;
             }
@@ -139,7 +174,7 @@ impl LineageStore for EtcdStore {
     }
 
     async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let resp = self.client.clone().get(key, None).await.map_err(unavailable)?;
+        let resp = retry_unreached(|| async { self.client.clone().get(key, None).await.map_err(unavailable) }).await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
@@ -149,7 +184,9 @@ impl LineageStore for EtcdStore {
         if let Some(l) = limit {
             opts = opts.with_limit(l as i64);
         }
-        let resp = self.client.clone().get(prefix, Some(opts)).await.map_err(unavailable)?;
+        let resp =
+            retry_unreached(|| async { self.client.clone().get(prefix, Some(opts.clone())).await.map_err(unavailable) })
+                .await?;
         resp.kvs()
             .iter()
             .map(|kv| {
