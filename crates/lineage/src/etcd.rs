@@ -184,9 +184,10 @@ impl LineageStore for EtcdStore {
         if let Some(l) = limit {
             opts = opts.with_limit(l as i64);
         }
-        let resp =
-            retry_unreached(|| async { self.client.clone().get(prefix, Some(opts.clone())).await.map_err(unavailable) })
-                .await?;
+        let resp = retry_unreached(|| async {
+            self.client.clone().get(prefix, Some(opts.clone())).await.map_err(unavailable)
+        })
+        .await?;
         resp.kvs()
             .iter()
             .map(|kv| {
