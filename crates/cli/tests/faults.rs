@@ -404,3 +404,52 @@ async fn a_full_blob_disk_fails_jobs_cleanly_and_recovery_follows() {
     }
     drop(procs);
 }
+
+/// The leader coordinator is paused (SIGSTOP) longer than its lease, as a long GC pause or a partition would: the
+/// follower takes over; when the old leader wakes it finds its lease gone and exits without writing anything (its
+/// writes would be fenced). Every acknowledged job still goes live exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_steps_down_when_it_wakes() {
+    if !engram_lineage::local_etcd::etcd_available_for_tests() {
+        return;
+    }
+    const N: usize = 10;
+    let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = etcd.url("/engram-pause");
+    let (mut procs, coordinators, replicas) = cluster(&store, dir.path(), 2, &[], 1, &[vec![], vec![]]);
+    let client = Client::connect(&coordinators).await.unwrap();
+    namespace(&client, "pause").await;
+    wait_ready(&client, 2).await;
+    let load = {
+        let (c, r) = (coordinators.clone(), replicas.clone());
+        tokio::spawn(async move { workload(&c, &r, "pause", N, CLIENTS).await })
+    };
+    wait_for_live(&client, "pause", 3).await;
+    let addrs: Vec<&str> = coordinators.split(',').collect();
+    let mut leader = None;
+    for (i, a) in addrs.iter().enumerate() {
+        if Client::connect(a).await.unwrap().versions("pause", 1).await.is_ok() {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("neither coordinator leads");
+    let pid = procs[leader].0.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    // The woken leader must leave: its lease is gone.
+    let start = Instant::now();
+    loop {
+        if procs[leader].0.as_mut().unwrap().try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the paused leader kept running after it woke");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = load.await.unwrap();
+    check(&client, &replicas, "pause", &out, N).await;
+    let log = std::fs::read_to_string(dir.path().join(format!("coordinator-{leader}.log"))).unwrap();
+    assert!(log.contains("lease") && log.contains("stepping down"), "the old leader did not say why it left");
+    drop(procs);
+}
