@@ -128,84 +128,28 @@ async fn the_leader_coordinator_fails_over_under_load() {
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = etcd.url("/engram-ha");
-    let blobs = format!("file://{}", dir.path().join("blobs").display());
-    let log = |n: &str| dir.path().join(format!("{n}.log"));
-    let common = ["--store", store.as_str(), "--blobs", blobs.as_str()];
-    let ports = [free_port(), free_port()];
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-    let both = addrs.join(",");
-    let mut coordinators: Vec<Proc> = (0..2)
-        .map(|i| {
-            let listen = format!("127.0.0.1:{}", ports[i]);
-            let args = [
-                &[
-                    "serve",
-                    "coordinator",
-                    "--listen",
-                    &listen,
-                    "--elect",
-                    "--election-ttl-s",
-                    "2",
-                    "--lease-ms",
-                    "2000",
-                ][..],
-                &common,
-            ]
-            .concat();
-            engram(&args, &log(&format!("coordinator-{i}")))
-        })
-        .collect();
-    let client = Client::connect(&both).await.unwrap();
-    let base = engram_model::BaseModel::load(&root().join("models/base"), &candle_core::Device::Cpu).unwrap();
+    let (mut procs, coordinators, replicas) =
+        cluster(&store, dir.path(), 2, &["--lease-ms", "2000"], 2, &[vec![], vec![]]);
+    let client = Client::connect(&coordinators).await.unwrap();
     // Until one is elected every call is refused; the SDK tries both.
-    let start = Instant::now();
-    while client.create_namespace("ha", &base.hash).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no coordinator was elected");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    namespace(&client, "ha").await;
     client.create_namespace("probe", &"0".repeat(64)).await.unwrap();
-    let replica_addrs: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let _replicas: Vec<Proc> = replica_addrs
-        .iter()
-        .enumerate()
-        .map(|(i, listen)| {
-            let id = format!("replica-{i}");
-            engram(
-                &[&["serve", "replica", "--listen", listen, "--coordinator", &both, "--id", &id][..], &common].concat(),
-                &log(&id),
-            )
-        })
-        .collect();
-    let _workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            let id = format!("worker-{i}");
-            engram(&[&["serve", "worker", "--coordinator", &both, "--id", &id][..], &common].concat(), &log(&id))
-        })
-        .collect();
     wait_ready(&client, 2).await;
-    let replica_urls: Vec<String> = replica_addrs.iter().map(|a| format!("http://{a}")).collect();
     let load = {
-        let (c, r) = (both.clone(), replica_urls.clone());
+        let (c, r) = (coordinators.clone(), replicas.clone());
         tokio::spawn(async move { workload(&c, &r, "ha", HA_DOCS, CLIENTS).await })
     };
     wait_for_live(&client, "ha", 4).await;
 
-    // Which one leads: a follower refuses with the leader's address.
-    let mut leader = None;
-    for (i, a) in addrs.iter().enumerate() {
-        let single = Client::connect(a).await.unwrap();
-        if single.versions("ha", 1).await.is_ok() {
-            leader = Some(i);
-        }
-    }
-    let leader = leader.expect("neither coordinator leads");
-    drop(std::mem::replace(&mut coordinators[leader], Proc::none())); // SIGKILL
+    let leader = leader_of(&coordinators, "ha").await;
+    // The coordinators are the first processes `cluster` started.
+    drop(std::mem::replace(&mut procs[leader], Proc::none())); // SIGKILL
     let killed = Instant::now();
     // Failover: from the kill to the first acknowledged request (on the new leader).
     let mut n = 0;
     let failover = loop {
         n += 1;
-        let probe = Client::connect(&both).await.unwrap();
+        let probe = Client::connect(&coordinators).await.unwrap();
         let key = format!("probe-{n}");
         let req = probe.consolidate("probe", vec!["<doc> probe </doc>".into()], &key);
         if tokio::time::timeout(Duration::from_secs(1), req).await.is_ok_and(|r| r.is_ok()) {
@@ -221,8 +165,18 @@ async fn the_leader_coordinator_fails_over_under_load() {
     assert!(failover < Duration::from_secs(7), "failover took {failover:?}, more than the lease (2 s) + 5 s");
 
     let out = load.await.unwrap();
-    check(&client, &replica_urls, "ha", &out, HA_DOCS).await;
-    drop(coordinators);
+    check(&client, &replicas, "ha", &out, HA_DOCS).await;
+    drop(procs);
+}
+
+/// Which of the comma-separated coordinators leads: a follower refuses with the leader's address.
+async fn leader_of(coordinators: &str, ns: &str) -> usize {
+    for (i, a) in coordinators.split(',').enumerate() {
+        if Client::connect(a).await.unwrap().versions(ns, 1).await.is_ok() {
+            return i;
+        }
+    }
+    panic!("no coordinator leads");
 }
 
 /// Starts coordinator(s), workers and replicas over `store`; returns (processes, coordinator list, replica URLs).
@@ -426,14 +380,7 @@ async fn a_paused_leader_steps_down_when_it_wakes() {
         tokio::spawn(async move { workload(&c, &r, "pause", N, CLIENTS).await })
     };
     wait_for_live(&client, "pause", 3).await;
-    let addrs: Vec<&str> = coordinators.split(',').collect();
-    let mut leader = None;
-    for (i, a) in addrs.iter().enumerate() {
-        if Client::connect(a).await.unwrap().versions("pause", 1).await.is_ok() {
-            leader = Some(i);
-        }
-    }
-    let leader = leader.expect("neither coordinator leads");
+    let leader = leader_of(&coordinators, "pause").await;
     let pid = procs[leader].0.as_ref().unwrap().id().to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_secs(5)).await;
