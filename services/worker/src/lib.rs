@@ -146,14 +146,22 @@ impl Engine {
                 Some(h) => pull::missing(store, blobs, h, |id| held.as_ref().is_some_and(|(c, _)| c == id)).await?,
                 None => (None, Vec::new()),
             };
-            let mut model = match (&from, &held) {
+            let start = match (&from, &held) {
                 (Some(_), Some((_, m))) => (**m).clone(),
                 _ => self.base.llama.clone(),
             };
-            for (v, d) in &chain {
-                self.base.check_delta(d).with_context(|| format!("version {}", v.id.short()))?;
-                model = model.merged(&[d])?;
-            }
+            // Merging is candle work: off the async threads.
+            let base = self.base;
+            let model = tokio::task::spawn_blocking(move || {
+                let mut model = start;
+                for (v, d) in &chain {
+                    base.check_delta(d).with_context(|| format!("version {}", v.id.short()))?;
+                    model = model.merged(&[d])?;
+                }
+                anyhow::Ok(model)
+            })
+            .await
+            .map_err(|e| anyhow!("merge task failed: {e}"))??;
             self.heads.lock().expect("heads").insert(namespace.to_string(), (head.cloned(), Arc::new(model)));
         }
         let want = Some((namespace.to_string(), head.cloned()));
