@@ -56,8 +56,11 @@ impl Candidate {
             loop {
                 // A broken keep-alive stream (its etcd member died) is opened again, maybe on another member; the
                 // lease is lost only when no keep-alive got through for a whole TTL.
+                // Bounded, like every call here: in a partition the reopen would hang and the TTL check below
+                // would never run, so a cut-off leader would never step down.
                 if channel.is_none() {
-                    channel = lease_client.keep_alive(lease).await.ok();
+                    channel =
+                        tokio::time::timeout(every, lease_client.keep_alive(lease)).await.ok().and_then(|r| r.ok());
                 }
                 let ok = match channel.as_mut() {
                     Some((keeper, stream)) => {

@@ -13,6 +13,8 @@ pub struct LocalEtcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Addresses besides loopback the client port listens on (a veth into a test's network namespace).
+    also_on: Vec<String>,
 }
 
 fn free_port() -> Result<u16> {
@@ -44,8 +46,14 @@ pub fn etcd_available_for_tests() -> bool {
 
 impl LocalEtcd {
     pub fn start() -> Result<Self> {
+        Self::start_also_on(&[])
+    }
+
+    /// Like [`LocalEtcd::start`], with the client port also listening on `hosts` (IPv4 addresses of this machine).
+    pub fn start_also_on(hosts: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;
-        let mut me = Self { child: None, dir, client_port: free_port()?, peer_port: free_port()? };
+        let also_on = hosts.iter().map(|h| h.to_string()).collect();
+        let mut me = Self { child: None, dir, client_port: free_port()?, peer_port: free_port()?, also_on };
         me.spawn()?;
         Ok(me)
     }
@@ -59,6 +67,9 @@ impl LocalEtcd {
     fn launch(&mut self, name: &str, initial_cluster: &str) -> Result<()> {
         let bin = etcd_binary().ok_or_else(|| Error::Unavailable("no etcd binary (install etcd-server)".into()))?;
         let client = format!("http://127.0.0.1:{}", self.client_port);
+        let listen_client: Vec<String> = std::iter::once(client.clone())
+            .chain(self.also_on.iter().map(|h| format!("http://{h}:{}", self.client_port)))
+            .collect();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -68,7 +79,7 @@ impl LocalEtcd {
         let child = Command::new(&bin)
             .arg(format!("--name={name}"))
             .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--listen-client-urls={}", listen_client.join(",")))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
@@ -102,6 +113,11 @@ impl LocalEtcd {
     /// `host:port` of the client endpoint.
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client port (also open on the `start_also_on` addresses).
+    pub fn client_port(&self) -> u16 {
+        self.client_port
     }
 
     /// A store URL for this server under `prefix` (which starts with '/').
@@ -140,7 +156,13 @@ impl LocalEtcdCluster {
         let mut members = Vec::with_capacity(n);
         for _ in 0..n {
             let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;
-            members.push(LocalEtcd { child: None, dir, client_port: free_port()?, peer_port: free_port()? });
+            members.push(LocalEtcd {
+                child: None,
+                dir,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                also_on: Vec::new(),
+            });
         }
         let initial: Vec<String> =
             members.iter().enumerate().map(|(i, m)| format!("m{i}=http://127.0.0.1:{}", m.peer_port)).collect();

@@ -251,6 +251,7 @@ impl Replica {
         self.base.check_delta(&delta).map_err(|e| invalid(format!("delta for version {}: {e}", version.short())))?;
         // Fault injection for tests and drills: a replica that acknowledges staging late.
         if let Some(ms) = std::env::var("ENGRAM_FAULT_STAGE_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            tracing::warn!(version = %version.short(), "holding the stage acknowledgement for {ms} ms (ENGRAM_FAULT_STAGE_DELAY_MS)");
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         let parent_model = self.materialize(parent.as_ref()).await.map_err(|e| status(&e))?;

@@ -1,4 +1,4 @@
-//! Shared by the service and fault tests: child processes, free ports, the consolidation workload and its checks.
+//! Shared by the service tests and the fault suite (tests/faults): child processes, free ports, the consolidation workload and its checks.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -39,8 +39,23 @@ pub fn engram(args: &[&str], log: &Path) -> Proc {
 
 /// [`engram`] with extra environment variables (fault injection).
 pub fn engram_with_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
+    engram_via(&[], args, log, env)
+}
+
+/// [`engram_with_env`] started through `wrapper` (e.g. `ip netns exec NAME`), which must exec it in place so that
+/// killing the child kills engram.
+pub fn engram_via(wrapper: &[&str], args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_engram"))
+    let bin = env!("CARGO_BIN_EXE_engram");
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = command
         .args(args)
         .current_dir(root())
         .env("ENGRAM_CACHE", Path::new(env!("CARGO_TARGET_TMPDIR")).join("engram-cache"))
