@@ -47,6 +47,7 @@ async fn kill_a_worker_a_replica_and_the_coordinator_under_load() {
     }
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "kill_a_worker_a_replica_and_the_coordinator_under_load");
     let store = etcd.url("/engram-faults");
     let blobs = format!("file://{}", dir.path().join("blobs").display());
     let log = |n: &str| dir.path().join(format!("{n}.log"));
@@ -135,6 +136,7 @@ async fn the_leader_coordinator_fails_over_under_load() {
     const HA_DOCS: usize = 16;
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "the_leader_coordinator_fails_over_under_load");
     let store = etcd.url("/engram-ha");
     let (mut procs, coordinators, replicas) =
         cluster(&store, dir.path(), 2, &["--lease-ms", "2000"], 2, &[vec![], vec![]]);
@@ -252,6 +254,7 @@ async fn an_etcd_member_dies_under_load() {
     const N: usize = 12;
     let mut etcd = engram_lineage::local_etcd::LocalEtcdCluster::start(3).unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "an_etcd_member_dies_under_load");
     let store = etcd.url("/engram-quorum");
     let (procs, coordinators, replicas) = cluster(&store, dir.path(), 2, &[], 1, &[vec![], vec![]]);
     let client = Client::connect(&coordinators).await.unwrap();
@@ -280,6 +283,7 @@ async fn a_slow_replica_does_not_block_the_others() {
     const N: usize = 8;
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "a_slow_replica_does_not_block_the_others");
     let store = etcd.url("/engram-slow");
     let slow = vec![("ENGRAM_FAULT_STAGE_DELAY_MS", "3000")];
     let (procs, coordinators, replicas) =
@@ -308,6 +312,7 @@ async fn a_full_blob_disk_fails_jobs_cleanly_and_recovery_follows() {
     }
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "a_full_blob_disk_fails_jobs_cleanly_and_recovery_follows");
     let blobs = dir.path().join("blobs");
     std::fs::create_dir_all(&blobs).unwrap();
     let mounted = Command::new("mount")
@@ -380,6 +385,7 @@ async fn a_paused_leader_steps_down_when_it_wakes() {
     const N: usize = 10;
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "a_paused_leader_steps_down_when_it_wakes");
     let store = etcd.url("/engram-pause");
     let (mut procs, coordinators, replicas) = cluster(&store, dir.path(), 2, &[], 1, &[vec![], vec![]]);
     let client = Client::connect(&coordinators).await.unwrap();

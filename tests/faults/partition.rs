@@ -32,6 +32,10 @@ async fn a_leader_cut_off_from_etcd_steps_down_and_the_follower_takes_over() {
     const N: usize = 10;
     let etcd = engram_lineage::local_etcd::LocalEtcd::start_also_on(&[&etcd_host_ip]).unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(
+        dir.path().to_path_buf(),
+        "a_leader_cut_off_from_etcd_steps_down_and_the_follower_takes_over",
+    );
     let prefix = "/engram-partition";
     let blobs = format!("file://{}", dir.path().join("blobs").display());
     let log = |n: &str| dir.path().join(format!("{n}.log"));

@@ -17,6 +17,8 @@ async fn a_replica_killed_mid_staging_is_passed_over_and_catches_up() {
     const N: usize = 8;
     let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _logs =
+        KeepLogsOnFailure(dir.path().to_path_buf(), "a_replica_killed_mid_staging_is_passed_over_and_catches_up");
     let store = etcd.url("/engram-midstage");
     let held = vec![("ENGRAM_FAULT_STAGE_DELAY_MS", "2000")];
     let (mut procs, coordinators, replicas) = cluster(&store, dir.path(), 1, &[], 1, &[vec![], held]);

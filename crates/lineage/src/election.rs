@@ -56,11 +56,13 @@ impl Candidate {
             loop {
                 // A broken keep-alive stream (its etcd member died) is opened again, maybe on another member; the
                 // lease is lost only when no keep-alive got through for a whole TTL.
-                // Bounded, like every call here: in a partition the reopen would hang and the TTL check below
-                // would never run, so a cut-off leader would never step down.
+                // Bounded by what is left of the TTL: unbounded, a reopen in a partition hangs and the cut-off
+                // leader never steps down; bounded tighter, a reopen that needs a while to find a live member (its
+                // first pick was the dead one) never succeeds and a healthy leader steps down.
                 if channel.is_none() {
+                    let left = ttl.saturating_sub(last_ok.elapsed()).max(Duration::from_millis(100));
                     channel =
-                        tokio::time::timeout(every, lease_client.keep_alive(lease)).await.ok().and_then(|r| r.ok());
+                        tokio::time::timeout(left, lease_client.keep_alive(lease)).await.ok().and_then(|r| r.ok());
                 }
                 let ok = match channel.as_mut() {
                     Some((keeper, stream)) => {

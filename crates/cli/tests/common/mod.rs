@@ -68,6 +68,26 @@ pub fn engram_via(wrapper: &[&str], args: &[&str], log: &Path, env: &[(&str, &st
     Proc(Some(child))
 }
 
+/// Copies a failed test's process logs (`*.log` in `dir`) to `target/tmp/fault-logs/{name}` before its temporary
+/// directory goes: declare it after the directory so it drops first.
+pub struct KeepLogsOnFailure(pub PathBuf, pub &'static str);
+
+impl Drop for KeepLogsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let to = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-logs").join(self.1);
+        let _ = std::fs::create_dir_all(&to);
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+            }
+        }
+        eprintln!("process logs kept in {}", to.display());
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
