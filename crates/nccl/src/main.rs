@@ -45,6 +45,10 @@ enum Cmd {
         /// Kill this rank (SIGKILL) before one more broadcast, then rebuild over the survivors.
         #[arg(long)]
         kill_rank: Option<usize>,
+        /// Never start this rank: the others' communicator must time out and be aborted, then be rebuilt without it
+        /// (the case that runs on one GPU with NCCL < 2.30, which refuses two ranks on one device).
+        #[arg(long, conflicts_with = "kill_rank")]
+        absent_rank: Option<usize>,
         /// One JSON object on stdout instead of text.
         #[arg(long)]
         json: bool,
@@ -70,8 +74,9 @@ fn main() -> Result<()> {
             }
         },
         Cmd::Rank { device } => rank(device),
-        Cmd::Bench { ranks, size_mb, rounds, timeout_s, kill_rank, json } => {
-            bench(ranks, size_mb, rounds, Duration::from_secs_f64(timeout_s), kill_rank, json)
+        Cmd::Bench { ranks, size_mb, rounds, timeout_s, kill_rank, absent_rank, json } => {
+            let faults = Faults { kill_rank, absent_rank };
+            bench(ranks, size_mb, rounds, Duration::from_secs_f64(timeout_s), faults, json)
         }
     }
 }
@@ -212,10 +217,14 @@ impl Drop for RankProc {
 
 /// `init` on every rank at once (they must all be inside init together); returns each one's reply.
 fn init_all(ranks: &mut [&mut RankProc], timeout: Duration) -> Result<Vec<Value>> {
-    let id = UniqueId::new()?;
-    let hex_id = hex::encode(id.to_bytes());
     let world = ranks.len();
-    for (r, p) in ranks.iter_mut().enumerate() {
+    init_as(ranks, &(0..world).collect::<Vec<_>>(), world, timeout)
+}
+
+/// `init` with a fresh id, process `i` joining as rank `numbers[i]` of `world`.
+fn init_as(ranks: &mut [&mut RankProc], numbers: &[usize], world: usize, timeout: Duration) -> Result<Vec<Value>> {
+    let hex_id = hex::encode(UniqueId::new()?.to_bytes());
+    for (p, r) in ranks.iter_mut().zip(numbers) {
         p.send(&format!("init {hex_id} {r} {world} {}", timeout.as_millis()))?;
     }
     ranks.iter_mut().map(|p| p.reply(timeout + Duration::from_secs(10))).collect()
@@ -250,29 +259,55 @@ fn verify(replies: &[Value], expected: &str) -> Result<()> {
     Ok(())
 }
 
-fn bench(
-    n: usize,
-    size_mb: usize,
-    rounds: usize,
-    timeout: Duration,
+struct Faults {
     kill_rank: Option<usize>,
-    json_out: bool,
-) -> Result<()> {
+    absent_rank: Option<usize>,
+}
+
+fn bench(n: usize, size_mb: usize, rounds: usize, timeout: Duration, faults: Faults, json_out: bool) -> Result<()> {
     if n == 0 || size_mb == 0 || rounds == 0 {
         bail!("--ranks, --size-mb and --rounds must be at least 1");
     }
-    if let Some(k) = kill_rank {
-        if k == 0 || k >= n {
-            bail!("--kill-rank must name a receiving rank, 1..{n} (rank 0 is the sender)");
+    for (flag, r) in [("--kill-rank", faults.kill_rank), ("--absent-rank", faults.absent_rank)] {
+        if r.is_some_and(|r| r == 0 || r >= n) {
+            bail!("{flag} must name a receiving rank, 1..{n} (rank 0 is the sender)");
         }
     }
     let rt = probe()?;
     eprintln!("{rt}; {n} rank processes, {size_mb} MiB, timeout {timeout:?}");
     let len = size_mb << 20;
-    let mut procs: Vec<RankProc> = (0..n).map(|_| RankProc::start()).collect::<Result<_>>()?;
-
     let mut report = json!({"runtime": rt.to_string(), "ranks": n, "size_mb": size_mb});
-    let replies = init_all(&mut procs.iter_mut().collect::<Vec<_>>(), timeout)?;
+    let kill_rank = faults.kill_rank;
+    let mut procs: Vec<RankProc>;
+    if let Some(a) = faults.absent_rank {
+        // Every rank but `a` joins a communicator of `n`: the join must time out (not hang) on each of them.
+        procs = (0..n - 1).map(|_| RankProc::start()).collect::<Result<_>>()?;
+        let numbers: Vec<usize> = (0..n).filter(|&r| r != a).collect();
+        let start = Instant::now();
+        let replies = init_as(&mut procs.iter_mut().collect::<Vec<_>>(), &numbers, n, timeout)?;
+        let detected = start.elapsed().as_secs_f64();
+        if all_ok(&replies) {
+            bail!("a communicator of {n} was created although rank {a} never joined");
+        }
+        let failed = errors(&replies);
+        eprintln!("rank {a} absent: joining ended in {detected:.2} s on every other rank: {failed:?}");
+        report["absent"] = json!({"absent_rank": a, "detected_s": detected, "errors": failed});
+        report["ranks"] = json!(n - 1);
+        // The rounds below run on a communicator rebuilt over the ranks that are there.
+        let start = Instant::now();
+        let replies = init_all(&mut procs.iter_mut().collect::<Vec<_>>(), timeout)?;
+        report["absent"]["rebuild_s"] = json!(start.elapsed().as_secs_f64());
+        if !all_ok(&replies) {
+            bail!("rebuilding without rank {a} failed: {:?}", errors(&replies));
+        }
+    } else {
+        procs = (0..n).map(|_| RankProc::start()).collect::<Result<_>>()?;
+    }
+    let replies = if faults.absent_rank.is_some() {
+        vec![json!({"ok": true, "seconds": report["absent"]["rebuild_s"]})]
+    } else {
+        init_all(&mut procs.iter_mut().collect::<Vec<_>>(), timeout)?
+    };
     report["init_s"] = json!(max_seconds(&replies));
     if !all_ok(&replies) {
         report["error"] = json!(errors(&replies));
