@@ -9,6 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([root.join("engram/v1/engram.proto")], [&root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("engram_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    // Chunk data as `Bytes`: relays keep and forward every chunk without copying it.
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .bytes(".engram.v1.StageChunk.data")
+        .compile_fds(fds)?;
     Ok(())
 }

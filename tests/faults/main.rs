@@ -6,9 +6,10 @@
 //!
 //! Scenarios: kill -9 of a worker mid-run, of a replica, of the coordinator (restarted); of the leader of two
 //! coordinators in high availability; of one member of a three-member etcd cluster; of a replica mid-staging
-//! (`staging.rs`); a partition that cuts the leader coordinator off from etcd (`partition.rs`); a slow replica; a full
-//! blob-store disk; a leader paused past its lease.
+//! (`staging.rs`); of the middle replica of a chain relaying a delta (`broadcast.rs`); a partition that cuts the leader
+//! coordinator off from etcd (`partition.rs`); a slow replica; a full blob-store disk; a leader paused past its lease.
 
+mod broadcast;
 #[path = "../../crates/cli/tests/common/mod.rs"]
 mod common;
 mod netns;
@@ -210,7 +211,10 @@ fn cluster(
         let listen = format!("127.0.0.1:{p}");
         let mut args = vec!["serve", "coordinator", "--listen", &listen];
         if coordinators > 1 {
-            args.extend(["--elect", "--election-ttl-s", "2"]);
+            args.push("--elect");
+            if !coordinator_extra.contains(&"--election-ttl-s") {
+                args.extend(["--election-ttl-s", "2"]);
+            }
         }
         args.extend_from_slice(coordinator_extra);
         procs.push(engram(&[&args[..], &common].concat(), &log(&format!("coordinator-{i}"))));
@@ -234,6 +238,27 @@ fn cluster(
     (procs, both, urls)
 }
 
+/// Starts replica `id` again on the address of `url`, as `cluster` did but without fault injection.
+fn replica_again(dir: &std::path::Path, store: &str, coordinators: &str, url: &str, id: &str) -> Proc {
+    let listen = url.trim_start_matches("http://");
+    let blobs = format!("file://{}", dir.join("blobs").display());
+    let args = [
+        "serve",
+        "replica",
+        "--listen",
+        listen,
+        "--coordinator",
+        coordinators,
+        "--id",
+        id,
+        "--store",
+        store,
+        "--blobs",
+        &blobs,
+    ];
+    engram(&args, &dir.join(format!("{id}-restarted.log")))
+}
+
 async fn namespace(client: &Client, ns: &str) {
     let base = engram_model::BaseModel::load(&root().join("models/base"), &candle_core::Device::Cpu).unwrap();
     let start = Instant::now();
@@ -245,7 +270,10 @@ async fn namespace(client: &Client, ns: &str) {
 
 /// One of three etcd members is killed under load: the store keeps its quorum and the service goes on. (This failed
 /// until the etcd store resent requests that reached no member and the election keep-alive reopened its stream on
-/// another member: etcd-client's balancer keeps sending some requests to the dead endpoint.)
+/// another member: etcd-client's balancer keeps sending some requests to the dead endpoint.) The election lease is
+/// 5 s here: when the killed member was etcd's raft leader, no keep-alive gets through until a new one is elected
+/// (etcd's election timeout is 1 s, and much more on two loaded cores), and with a 2 s lease both coordinators lost
+/// theirs and stepped down in one CI run. The lease must comfortably exceed etcd's own failover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_etcd_member_dies_under_load() {
     if !engram_lineage::local_etcd::etcd_available_for_tests() {
@@ -256,7 +284,8 @@ async fn an_etcd_member_dies_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "an_etcd_member_dies_under_load");
     let store = etcd.url("/engram-quorum");
-    let (procs, coordinators, replicas) = cluster(&store, dir.path(), 2, &[], 1, &[vec![], vec![]]);
+    let (procs, coordinators, replicas) =
+        cluster(&store, dir.path(), 2, &["--election-ttl-s", "5"], 1, &[vec![], vec![]]);
     let client = Client::connect(&coordinators).await.unwrap();
     namespace(&client, "quorum").await;
     wait_ready(&client, 2).await;

@@ -54,23 +54,7 @@ async fn a_replica_killed_mid_staging_is_passed_over_and_catches_up() {
     eprintln!("the head moved {:.2} s after the kill", killed.elapsed().as_secs_f64());
 
     // Back on the same address, without the held acks: it pulls what it lacks.
-    let listen = replicas[1].trim_start_matches("http://").to_string();
-    let blobs = format!("file://{}", dir.path().join("blobs").display());
-    let args = [
-        "serve",
-        "replica",
-        "--listen",
-        &listen,
-        "--coordinator",
-        &coordinators,
-        "--id",
-        "replica-1",
-        "--store",
-        &store,
-        "--blobs",
-        &blobs,
-    ];
-    procs[2] = engram(&args, &dir.path().join("replica-1-restarted.log"));
+    procs[2] = replica_again(dir.path(), &store, &coordinators, &replicas[1], "replica-1");
 
     let out = load.await.unwrap();
     check(&client, &replicas, "midstage", &out, N).await;

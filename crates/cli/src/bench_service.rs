@@ -185,7 +185,12 @@ async fn backend(a: &ServiceBenchArgs, name: &str, store: String, dir: &std::pat
         workers: 1,
         namespace: "bench-e2e".into(),
         engine: a.engine.clone(),
-        timing: TimingArgs { lease_ms: 5000, stage_timeout_ms: 10_000 },
+        timing: TimingArgs {
+            lease_ms: 5000,
+            stage_timeout_ms: 10_000,
+            broadcast: "chain".into(),
+            stage_chunk_kb: 1024,
+        },
     };
     let u = up(&up_args).await.with_context(|| format!("starting the {name} cluster"))?;
     if !a.json {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod bench_broadcast;
 mod bench_load;
 mod bench_service;
 mod service;
@@ -236,6 +237,16 @@ enum BenchCommand {
     /// replicas) under concurrent clients; throughput, p50/p99 and errors steady, with a replica killed, with the
     /// leader killed; then the leader failover time (SIGKILL -> first accepted request), p50/p99.
     Load(bench_load::LoadBenchArgs),
+    /// Staging time against the number of replicas under the pipelined broadcast (chain or tree): the sender and each
+    /// replica in their own network namespace on `tc`-shaped veth links (root; `--loopback` without); seconds per
+    /// replica count, ratio of the most to one, throughput against a raw TCP copy over the same link and on loopback.
+    Broadcast(bench_broadcast::BroadcastBenchArgs),
+    /// A staging sink for `bench broadcast` (internal).
+    #[command(hide = true)]
+    BroadcastNode(bench_broadcast::NodeArgs),
+    /// One broadcast for `bench broadcast` (internal).
+    #[command(hide = true)]
+    BroadcastSend(bench_broadcast::SendArgs),
     /// N documents injected one after another, the state carried from each to the next as the service carries a
     /// namespace's head. Every --eval-every documents: reliability (closed-book recall of every fact injected so
     /// far), generalization (held-out phrasing), locality (known recall, reading, skills relative to the base
@@ -467,6 +478,9 @@ fn main() -> Result<()> {
         Command::Ask { question, model, adapter } => ask(&question, &model, adapter.as_deref()),
         Command::Bench(BenchCommand::Service(a)) => bench_service::run(a),
         Command::Bench(BenchCommand::Load(a)) => bench_load::run(a),
+        Command::Bench(BenchCommand::Broadcast(a)) => bench_broadcast::run(a),
+        Command::Bench(BenchCommand::BroadcastNode(a)) => bench_broadcast::node(a),
+        Command::Bench(BenchCommand::BroadcastSend(a)) => bench_broadcast::send(a),
         Command::Bench(BenchCommand::Lineage { json, seconds, rollbacks, etcd, no_etcd, dir }) => {
             bench_lineage(json, seconds, rollbacks, etcd, no_etcd, dir)
         }

@@ -87,6 +87,13 @@ pub struct TimingArgs {
     /// How long staging on the replicas may take before the slow ones are marked stale, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub(crate) stage_timeout_ms: u64,
+    /// How deltas travel to the replicas: `chain` (each replica relays every chunk to the next as it arrives),
+    /// `tree:K` (relayed down a K-ary tree), or `direct` (the coordinator streams to every replica itself).
+    #[arg(long, default_value = "chain")]
+    pub(crate) broadcast: String,
+    /// Chunk size of a staged delta, KiB (each chunk carries its own SHA-256 and is relayed as soon as it arrived).
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) stage_chunk_kb: usize,
 }
 
 #[derive(Args, Clone)]
@@ -216,7 +223,7 @@ pub fn serve(cmd: Serve) -> Result<()> {
                     coordinator_config(&timing),
                     store,
                     blobs,
-                    Arc::new(engram_transport::GrpcStream::default()),
+                    engram_transport::broadcaster(&timing.broadcast, timing.stage_chunk_kb << 10)?,
                 );
                 let listener =
                     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
@@ -321,7 +328,7 @@ pub async fn up(a: &UpArgs) -> Result<Up> {
         coordinator_config(&a.timing),
         store.clone(),
         blobs.clone(),
-        Arc::new(engram_transport::GrpcStream::default()),
+        engram_transport::broadcaster(&a.timing.broadcast, a.timing.stage_chunk_kb << 10)?,
     );
     c.recover().await?;
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;

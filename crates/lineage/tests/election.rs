@@ -3,7 +3,7 @@
 
 use engram_lineage::election::Candidate;
 use engram_lineage::local_etcd::LocalEtcd;
-use engram_lineage::{Error, LineageStore};
+use engram_lineage::Error;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_cannot_write() {

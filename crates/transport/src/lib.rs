@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod pull;
+pub mod relay;
+pub mod sink;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -71,10 +73,11 @@ pub fn chunks(item: &Staging, chunk_bytes: usize) -> Vec<StageChunk> {
                 chain: if i == 0 { item.chain.clone() } else { Vec::new() },
                 offset: lo as u64,
                 chunk_sha256: sha256(&data),
-                data: data.to_vec(),
+                data,
                 last,
                 delta_sha256: if last { item.hash.clone() } else { String::new() },
                 total_bytes: if last { total as u64 } else { 0 },
+                ..Default::default()
             }
         })
         .collect()
@@ -105,27 +108,35 @@ impl Assembler {
         self.buf.len() as u64
     }
 
-    /// Takes the next chunk; returns the delta when it was the last.
-    pub fn push(&mut self, c: StageChunk) -> Result<Option<Received>> {
+    /// Takes the next chunk; returns the delta when it was the last. A corrupt chunk or whole is `DataLoss` (sending
+    /// again may fix it); a malformed stream `InvalidArgument`.
+    pub fn push(&mut self, c: StageChunk) -> std::result::Result<Option<Received>, tonic::Status> {
+        let invalid = |m: String| tonic::Status::invalid_argument(m);
+        let corrupt = |m: String| tonic::Status::data_loss(m);
         if self.done {
-            bail!("chunk after the last one");
+            return Err(invalid("chunk after the last one".into()));
         }
         if self.buf.is_empty() && self.version.is_empty() {
             if c.version.is_empty() || c.namespace.is_empty() {
-                bail!("the first chunk must name the namespace and version");
+                return Err(invalid("the first chunk must name the namespace and version".into()));
             }
             self.namespace = c.namespace.clone();
             self.version = c.version.clone();
             self.chain = c.chain.clone();
         } else if c.version != self.version || c.namespace != self.namespace {
-            bail!("chunk for {}/{} in a stream of {}/{}", c.namespace, c.version, self.namespace, self.version);
+            let (ns, v) = (&self.namespace, &self.version);
+            return Err(invalid(format!("chunk for {}/{} in a stream of {ns}/{v}", c.namespace, c.version)));
         }
         if c.offset != self.buf.len() as u64 {
-            bail!("chunk at offset {} but {} bytes received so far", c.offset, self.buf.len());
+            return Err(invalid(format!("chunk at offset {} but {} bytes received so far", c.offset, self.buf.len())));
         }
         let actual = sha256(&c.data);
         if actual != c.chunk_sha256 {
-            bail!("chunk at offset {} is corrupt: its SHA-256 is {actual}, the sender's {}", c.offset, c.chunk_sha256);
+            let sender = &c.chunk_sha256;
+            return Err(corrupt(format!(
+                "chunk at offset {} is corrupt: its SHA-256 is {actual}, the sender's {sender}",
+                c.offset
+            )));
         }
         self.buf.extend_from_slice(&c.data);
         if !c.last {
@@ -133,11 +144,11 @@ impl Assembler {
         }
         self.done = true;
         if c.total_bytes != self.buf.len() as u64 {
-            bail!("the delta is {} bytes, {} arrived", c.total_bytes, self.buf.len());
+            return Err(invalid(format!("the delta is {} bytes, {} arrived", c.total_bytes, self.buf.len())));
         }
         let whole = sha256(&self.buf);
         if whole != c.delta_sha256 {
-            bail!("the delta's SHA-256 is {whole}, the sender's {}", c.delta_sha256);
+            return Err(corrupt(format!("the delta's SHA-256 is {whole}, the sender's {}", c.delta_sha256)));
         }
         Ok(Some(Received {
             namespace: std::mem::take(&mut self.namespace),
@@ -213,6 +224,79 @@ impl Broadcaster for GrpcStream {
     }
 }
 
+impl GrpcStream {
+    /// This stream's channel cache as a relay's way to open channels.
+    pub fn connector(self: &std::sync::Arc<Self>) -> relay::Connect {
+        let me = self.clone();
+        std::sync::Arc::new(move |address: &str| me.channel(address))
+    }
+}
+
+/// The broadcaster a `--broadcast` value names: `direct`, `chain` or `tree:K`, cutting deltas into `chunk_bytes`.
+pub fn broadcaster(spec: &str, chunk_bytes: usize) -> Result<std::sync::Arc<dyn Broadcaster>> {
+    Ok(match spec {
+        "direct" => std::sync::Arc::new(GrpcStream::new(chunk_bytes)),
+        "chain" => std::sync::Arc::new(Pipelined::new(1, chunk_bytes)),
+        _ => match spec.strip_prefix("tree:").map(str::parse::<usize>) {
+            Some(Ok(k)) if k >= 1 => std::sync::Arc::new(Pipelined::new(k, chunk_bytes)),
+            _ => bail!("--broadcast {spec:?}: expected direct, chain or tree:K with K >= 1"),
+        },
+    })
+}
+
+/// Pipelined broadcast ([`relay`]): the sender streams each chunk to `fanout` replicas, and every replica relays it on
+/// to its part of the rest as soon as it arrived intact. Fan-out 1 is a chain. Staging stays two-phase: this only
+/// changes how the bytes travel.
+pub struct Pipelined {
+    fanout: usize,
+    chunk_bytes: usize,
+    channels: std::sync::Arc<GrpcStream>,
+}
+
+impl Pipelined {
+    pub fn new(fanout: usize, chunk_bytes: usize) -> Self {
+        Self { fanout: fanout.max(1), chunk_bytes: chunk_bytes.max(1), channels: Default::default() }
+    }
+}
+
+#[async_trait]
+impl Broadcaster for Pipelined {
+    fn name(&self) -> &'static str {
+        if self.fanout == 1 {
+            "chain"
+        } else {
+            "tree"
+        }
+    }
+
+    async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
+        let list: Vec<_> = targets
+            .iter()
+            .map(|t| engram_proto::v1::StageTarget { id: t.id.clone(), address: t.address.clone() })
+            .collect();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut relay = relay::Relay::new(&list, self.fanout, Some(deadline), self.channels.connector());
+        for c in chunks(item, self.chunk_bytes) {
+            relay.forward(c).await;
+        }
+        let outcomes = relay.finish().await;
+        targets
+            .iter()
+            .map(|t| match outcomes.iter().find(|o| o.id == t.id) {
+                Some(o) if o.ok => Ok(StageAck {
+                    version: item.version.clone(),
+                    received: o.received,
+                    ready: true,
+                    downstream: Vec::new(),
+                    error: String::new(),
+                }),
+                Some(o) => bail!("replica {}: {}", t.id, o.error),
+                None => bail!("no relay reported on replica {}", t.id),
+            })
+            .collect()
+    }
+}
+
 /// An error as a gRPC status: the lineage's kinds map to their codes (a refused request stays a refusal, not an
 /// internal error); anything else is `Internal`. The message keeps the whole context chain.
 pub fn status(e: &anyhow::Error) -> tonic::Status {
@@ -257,7 +341,9 @@ mod tests {
         assert_eq!((r.bytes, r.chain, r.version.as_str()), (data.clone(), vec!["p".to_string()], "v"));
 
         let mut bad = cs.clone();
-        bad[2].data[5] ^= 1;
+        let mut flipped = bad[2].data.to_vec();
+        flipped[5] ^= 1;
+        bad[2].data = flipped.into();
         let mut a = Assembler::default();
         let err = bad.into_iter().map(|c| a.push(c)).find_map(Result::err).unwrap();
         assert!(err.to_string().contains("offset 6000 is corrupt"), "{err}");

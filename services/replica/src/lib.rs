@@ -22,7 +22,7 @@ use engram_proto::v1::{
     membership_client::MembershipClient, replica_server, CommitAck, CommitRequest, GenerateRequest, GenerateResponse,
     HeartbeatRequest, RegisterReplicaRequest, ReplicaStatus, StageAck, StageChunk, StatusRequest,
 };
-use engram_transport::{pull, status, Assembler};
+use engram_transport::{pull, status};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Longest generation a request may ask for.
@@ -89,6 +89,8 @@ pub struct Replica {
     /// Namespaces whose head this replica could not build; they refuse requests until it can.
     stale: Mutex<HashMap<String, String>>,
     ready: std::sync::atomic::AtomicBool,
+    /// Channels to the replicas this one relays staged chunks to (pipelined broadcast).
+    relay: engram_transport::relay::Connect,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -110,6 +112,7 @@ impl Replica {
             cache: Mutex::new(Cache { cap, order: VecDeque::new(), models: HashMap::new() }),
             stale: Mutex::new(HashMap::new()),
             ready: false.into(),
+            relay: Arc::new(engram_transport::GrpcStream::default()).connector(),
         })
     }
 
@@ -222,18 +225,36 @@ impl Replica {
 
     /// Receives a staged version: checks every chunk and the whole, that the bytes are a delta for this base
     /// model, and that the version id names exactly this parent, delta and base model; builds its weights.
+    /// Receives a staged delta (relaying each intact chunk to the replicas named in the first one as it arrives),
+    /// then verifies and prepares it while the relayed replicas acknowledge.
     async fn stage_chunks(&self, mut stream: Streaming<StageChunk>) -> Result<StageAck, Status> {
-        let mut asm = Assembler::default();
-        let received = loop {
-            let chunk = stream.message().await?.ok_or_else(|| {
-                Status::invalid_argument(format!("stream ended after {} bytes without its last chunk", asm.received()))
-            })?;
-            match asm.push(chunk) {
-                Ok(Some(r)) => break r,
-                Ok(None) => {}
-                Err(e) => return Err(Status::invalid_argument(format!("{e:#}"))),
+        let (received, relay) = engram_transport::relay::receive(&mut stream, self.relay.clone()).await?;
+        let (version, len) = (received.version.clone(), received.bytes.len() as u64);
+        // Prepared by this node's deadline or reported not ready: a slow replica must not hold back the outcomes of
+        // the replicas it relayed to.
+        let deadline = relay.deadline();
+        let own = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), self.prepare_staged(received))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("not prepared before the deadline"))),
+                None => self.prepare_staged(received).await,
             }
         };
+        let (own, downstream) = tokio::join!(own, relay.finish());
+        match own {
+            Ok(mut ack) => {
+                ack.downstream = downstream;
+                Ok(ack)
+            }
+            Err(status) if downstream.is_empty() => Err(status),
+            Err(status) => {
+                Ok(StageAck { version, received: len, ready: false, downstream, error: status.message().to_string() })
+            }
+        }
+    }
+
+    async fn prepare_staged(&self, received: engram_transport::Received) -> Result<StageAck, Status> {
         let invalid = |e: String| Status::invalid_argument(e);
         let version = VersionId::parse(&received.version).map_err(|e| invalid(e.to_string()))?;
         let parent =
@@ -257,7 +278,13 @@ impl Replica {
         let parent_model = self.materialize(parent.as_ref()).await.map_err(|e| status(&e))?;
         let model = blocking(move || Ok(parent_model.merged(&[&delta])?)).await.map_err(|e| status(&e))?;
         self.cache.lock().expect("cache").put(version.clone(), Arc::new(model));
-        Ok(StageAck { version: version.to_string(), received: received.bytes.len() as u64, ready: true })
+        Ok(StageAck {
+            version: version.to_string(),
+            received: received.bytes.len() as u64,
+            ready: true,
+            downstream: Vec::new(),
+            error: String::new(),
+        })
     }
 
     /// Generates from the namespace's served weights; returns the text and the version that produced it.

@@ -1,0 +1,65 @@
+//! A replica that only stages: it receives, verifies and relays deltas like a serving replica and keeps nothing but
+//! their hashes. `engram bench broadcast` runs these as its replicas (the tiny shipped model's deltas are ~1 MB; the
+//! bench sends hundreds of MB), and the relay tests run them in-process.
+
+use std::sync::{Arc, Mutex};
+
+use engram_proto::v1::replica_server::{Replica, ReplicaServer};
+use engram_proto::v1::{
+    CommitAck, CommitRequest, GenerateRequest, GenerateResponse, ReplicaStatus, StageAck, StageChunk, StatusRequest,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::relay::{receive, Connect};
+
+/// What a sink staged: (version, SHA-256 of the bytes), in order.
+pub type Staged = Arc<Mutex<Vec<(String, String)>>>;
+
+#[derive(Clone)]
+pub struct Sink {
+    pub staged: Staged,
+    /// Stage calls received, failed ones included.
+    pub attempts: Arc<std::sync::atomic::AtomicUsize>,
+    connect: Connect,
+}
+
+impl Sink {
+    pub fn new(connect: Connect) -> Self {
+        Self { staged: Arc::default(), attempts: Arc::default(), connect }
+    }
+
+    pub fn server(self) -> ReplicaServer<Self> {
+        ReplicaServer::new(self).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+    }
+}
+
+#[tonic::async_trait]
+impl Replica for Sink {
+    async fn stage(&self, request: Request<Streaming<StageChunk>>) -> Result<Response<StageAck>, Status> {
+        self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut stream = request.into_inner();
+        let (received, relay) = receive(&mut stream, self.connect.clone()).await?;
+        let hash = crate::sha256(&received.bytes);
+        self.staged.lock().expect("staged").push((received.version.clone(), hash));
+        let downstream = relay.finish().await;
+        Ok(Response::new(StageAck {
+            version: received.version,
+            received: received.bytes.len() as u64,
+            ready: true,
+            downstream,
+            error: String::new(),
+        }))
+    }
+
+    async fn commit(&self, _: Request<CommitRequest>) -> Result<Response<CommitAck>, Status> {
+        Err(Status::unimplemented("a staging sink serves nothing"))
+    }
+
+    async fn generate(&self, _: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+        Err(Status::unimplemented("a staging sink serves nothing"))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        Ok(Response::new(ReplicaStatus::default()))
+    }
+}

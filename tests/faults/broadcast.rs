@@ -1,0 +1,80 @@
+//! A middle replica of a chain of five is killed with SIGKILL while a delta is being relayed down the chain.
+//!
+//! The coordinator stages through the pipelined chain (`--broadcast chain`) in 64 KiB chunks and every replica waits
+//! 40 ms before relaying each chunk (`ENGRAM_FAULT_RELAY_DELAY_MS`), so the ~1 MB delta is still flowing when
+//! replica-2 dies. Its upstream relay re-attaches replica-3 and replica-4 and replays the chunks; the four survivors
+//! stage verified copies, the head moves, and replica-2, restarted, catches up by pull and serves the same head.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+async fn serving(address: &str, ns: &str) -> Option<String> {
+    let mut c = engram_sdk::pb::replica_client::ReplicaClient::connect(address.to_string()).await.ok()?;
+    let s = c.status(engram_sdk::pb::StatusRequest {}).await.ok()?.into_inner();
+    s.serving.get(ns).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_middle_replica_of_a_chain_killed_mid_broadcast_is_routed_around() {
+    if !engram_lineage::local_etcd::etcd_available_for_tests() {
+        return;
+    }
+    let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "a_middle_replica_of_a_chain_killed_mid_broadcast");
+    let store = etcd.url("/engram-chain");
+    let slow = vec![("ENGRAM_FAULT_RELAY_DELAY_MS", "40")];
+    let extra = ["--broadcast", "chain", "--stage-chunk-kb", "64", "--stage-timeout-ms", "30000"];
+    let (mut procs, coordinators, replicas) = cluster(&store, dir.path(), 1, &extra, 1, &vec![slow; 5]);
+    let client = Client::connect(&coordinators).await.unwrap();
+    namespace(&client, "chain").await;
+    wait_ready(&client, 5).await;
+
+    let world = engram_world::World::new();
+    let mut rng = engram_world::Rng::derive(91, 3);
+    let person = world.new_people(&mut rng, 1).remove(0);
+    let doc = world.document(&mut rng, std::slice::from_ref(&person), false);
+    let job = client.consolidate("chain", vec![doc], "chain-kill").await.unwrap();
+
+    // Replica-2 (the third replica; `cluster` started the coordinator first) dies once it is receiving and relaying.
+    let log = dir.path().join("replica-2.log");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("receiving a staged delta") {
+        assert!(start.elapsed() < Duration::from_secs(120), "replica-2 never started receiving");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(std::mem::replace(&mut procs[3], Proc::none())); // SIGKILL
+    eprintln!("killed replica-2 mid-broadcast");
+
+    let done = client.wait(&job.id).await.unwrap();
+    assert_eq!(done.state(), engram_sdk::JobState::Live, "{}", done.error);
+    let head = client.versions("chain", 1).await.unwrap().head;
+    assert_eq!(head, done.version);
+    for i in [0, 1, 3, 4] {
+        assert_eq!(
+            serving(&replicas[i], "chain").await.as_deref(),
+            Some(head.as_str()),
+            "replica-{i} is not on the head"
+        );
+    }
+    let coordinator_log = std::fs::read_to_string(dir.path().join("coordinator-0.log")).unwrap();
+    assert!(coordinator_log.contains("marked stale"), "the killed replica was not marked stale");
+    let relayed = (0..5).filter(|i| *i != 2).any(|i| {
+        std::fs::read_to_string(dir.path().join(format!("replica-{i}.log")))
+            .unwrap_or_default()
+            .contains("re-attaching")
+    });
+    assert!(relayed, "no relay re-attached the dead replica's subtree");
+
+    // Restarted without the delay: it pulls the chain and serves the same head.
+    procs[3] = replica_again(dir.path(), &store, &coordinators, &replicas[2], "replica-2");
+    let start = Instant::now();
+    while serving(&replicas[2], "chain").await.as_deref() != Some(head.as_str()) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the restarted replica never reached the head");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("restarted replica-2 serves the head after {:.1} s", start.elapsed().as_secs_f64());
+    drop(procs);
+}
