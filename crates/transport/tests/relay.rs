@@ -34,8 +34,7 @@ impl Node {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let serve =
-                    tonic::transport::Server::builder().add_service(server.server()).serve_with_incoming(incoming);
+                let serve = engram_transport::server().add_service(server.server()).serve_with_incoming(incoming);
                 tokio::select! {
                     _ = serve => {}
                     _ = killed => {}

@@ -259,7 +259,7 @@ impl Replica {
         let version = VersionId::parse(&received.version).map_err(|e| invalid(e.to_string()))?;
         let parent =
             received.chain.first().map(|p| VersionId::parse(p)).transpose().map_err(|e| invalid(e.to_string()))?;
-        let hash = engram_lineage::blob::digest(&received.bytes);
+        let hash = received.hash.clone(); // SHA-256, verified by the assembler
         if VersionId::derive(parent.as_ref(), &hash, &self.base.hash) != version {
             return Err(invalid(format!(
                 "version {} does not name this delta on parent {} over base model {}",
@@ -496,7 +496,7 @@ pub async fn serve(
     let svc = replica_server::ReplicaServer::new(Service(replica))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    tonic::transport::Server::builder()
+    engram_transport::server()
         .add_service(health_service)
         .add_service(engram_proto::reflection()?)
         .add_service(svc)
