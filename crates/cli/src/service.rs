@@ -290,6 +290,7 @@ pub fn serve(cmd: Serve) -> Result<()> {
                     tokio::spawn(engram_replica::http::serve(r.clone(), l));
                 }
                 eprintln!("replica listening on {addr}");
+                eprintln!("staging transports: {}", engram_transport::staging_transports());
                 engram_replica::serve(r, listener, shutdown_signal()).await
             }
         }

@@ -242,6 +242,19 @@ impl GrpcStream {
     }
 }
 
+/// What this process can stage over, for a replica's start-up log: the gRPC relay always; NCCL when built with the
+/// `nccl` feature and the CUDA driver, NCCL and a GPU are present (otherwise the reason, and the fallback).
+pub fn staging_transports() -> String {
+    #[cfg(feature = "nccl")]
+    let nccl = match engram_nccl::probe() {
+        Ok(rt) => format!("NCCL available ({rt}), not used yet: this replica's weights live in host memory"),
+        Err(e) => format!("{e}; staging falls back to gRPC streaming"),
+    };
+    #[cfg(not(feature = "nccl"))]
+    let nccl = "built without the nccl feature; staging uses gRPC streaming".to_string();
+    format!("gRPC relay (chain/tree/direct); {nccl}")
+}
+
 /// A gRPC server builder for services that receive staged deltas. HTTP/2's default 64 KiB flow-control window makes
 /// a sender wait for a window update every 64 KiB of a 1 MiB chunk; with 8 MiB per stream (16 MiB per connection)
 /// a chunk and its successors travel without stalls.
