@@ -2,8 +2,9 @@
 //!
 //! The coordinator stages through the pipelined chain (`--broadcast chain`) in 64 KiB chunks and every replica waits
 //! 40 ms before relaying each chunk (`ENGRAM_FAULT_RELAY_DELAY_MS`), so the ~1 MB delta is still flowing when
-//! replica-2 dies. Its upstream relay re-attaches replica-3 and replica-4 and replays the chunks; the four survivors
-//! stage verified copies, the head moves, and replica-2, restarted, catches up by pull and serves the same head.
+//! replica-2 dies. Its upstream relay re-attaches replica-3 (which still relays to replica-4) and resumes its stream
+//! at the byte where it broke off; the four survivors stage verified copies, the head moves, and replica-2,
+//! restarted, catches up by pull and serves the same head.
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,11 @@ async fn a_middle_replica_of_a_chain_killed_mid_broadcast_is_routed_around() {
             .contains("re-attaching")
     });
     assert!(relayed, "no relay re-attached the dead replica's subtree");
+    // Replica-3 resumed its broken stream where it stopped rather than receiving everything again.
+    let r3 = std::fs::read_to_string(dir.path().join("replica-3.log")).unwrap();
+    assert!(r3.contains("resuming a staged delta at byte"), "replica-3 was sent the whole delta again");
+    let r4 = std::fs::read_to_string(dir.path().join("replica-4.log")).unwrap();
+    assert_eq!(r4.matches("receiving a staged delta").count(), 1, "replica-4's stream (from replica-3) broke");
 
     // Restarted without the delay: it pulls the chain and serves the same head.
     procs[3] = replica_again(dir.path(), &store, &coordinators, &replicas[2], "replica-2");

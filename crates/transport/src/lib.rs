@@ -149,6 +149,8 @@ pub struct Received {
     pub bytes: Vec<u8>,
     /// SHA-256 (hex) of `bytes`, verified against the sender's.
     pub hash: String,
+    /// Where the stream that completed it started (> 0: it resumed a broken one).
+    pub resumed_from: u64,
 }
 
 impl Assembler {
@@ -208,6 +210,7 @@ impl Assembler {
             chain: std::mem::take(&mut self.chain),
             bytes: std::mem::take(&mut self.buf),
             hash: whole,
+            resumed_from: 0,
         }))
     }
 }

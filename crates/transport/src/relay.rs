@@ -17,7 +17,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engram_proto::v1::{replica_client::ReplicaClient, StageAck, StageChunk, StageOutcome, StageTarget};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use engram_proto::v1::{
+    replica_client::ReplicaClient, StageAck, StageChunk, StageOutcome, StageProgressRequest, StageTarget,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -62,6 +67,8 @@ struct Child {
     /// Index into `sent` of the next chunk it gets.
     next: usize,
     resends: u32,
+    /// A replacement: ask how much it already holds before sending (it may resume a broken stream).
+    probe: bool,
 }
 
 /// One node's outgoing side of a pipelined broadcast.
@@ -89,7 +96,7 @@ impl Relay {
             corrupt: None,
         };
         for (target, subtree) in split(targets, me.fanout) {
-            me.attach(target, subtree, 0);
+            me.attach(target, subtree, 0, false);
         }
         me
     }
@@ -114,7 +121,7 @@ impl Relay {
         self.deadline
     }
 
-    fn attach(&mut self, target: StageTarget, subtree: Vec<StageTarget>, resends: u32) {
+    fn attach(&mut self, target: StageTarget, subtree: Vec<StageTarget>, resends: u32, probe: bool) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let call = match (self.connect)(&target.address) {
             Ok(channel) => {
@@ -129,7 +136,28 @@ impl Relay {
                 tokio::spawn(async move { Err(tonic::Status::unavailable(msg)) })
             }
         };
-        self.children.push(Child { target, subtree, tx: Some(tx), call, next: 0, resends });
+        self.children.push(Child { target, subtree, tx: Some(tx), call, next: 0, resends, probe });
+    }
+
+    /// Where a replacement child resumes: the chunk at the offset it already holds from a broken stream, or 0.
+    async fn resume_point(&self, c: usize) -> usize {
+        let Some(first) = self.sent.first() else { return 0 };
+        let ask = || async {
+            let channel = (self.connect)(&self.children[c].target.address).ok()?;
+            let req = StageProgressRequest { namespace: first.namespace.clone(), version: first.version.clone() };
+            ReplicaClient::new(channel).stage_progress(req).await.ok().map(|r| r.into_inner().received)
+        };
+        let bound = self.deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
+        // An orphan may not have noticed yet that its stream broke (its upstream just died): ask again briefly.
+        for _ in 0..3 {
+            if let Ok(Some(offset)) = tokio::time::timeout_at(bound.into(), ask()).await {
+                if offset > 0 {
+                    return self.sent.iter().position(|s| s.offset == offset).unwrap_or(0);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        0
     }
 
     /// Chunk `i` as child `c` gets it: the first one names the child's subtree, fan-out and deadline.
@@ -155,8 +183,13 @@ impl Relay {
 
     /// Forwards one chunk (verified by the caller) to every child, recovering from children that fail meanwhile.
     pub async fn forward(&mut self, chunk: StageChunk) {
-        self.sent.push(chunk);
+        self.accept(chunk);
         self.pump().await;
+    }
+
+    /// Takes a chunk to forward without sending it yet (`pump` sends it).
+    fn accept(&mut self, chunk: StageChunk) {
+        self.sent.push(chunk);
     }
 
     /// Sends every child what it has not had yet; a child whose stream broke or stalled past the deadline is
@@ -165,6 +198,15 @@ impl Relay {
         loop {
             let mut broken = Vec::new();
             for c in 0..self.children.len() {
+                if self.children[c].probe && !self.sent.is_empty() {
+                    self.children[c].probe = false;
+                    let from = self.resume_point(c).await;
+                    if from > 0 {
+                        let offset = self.sent[from].offset;
+                        tracing::info!(replica = %self.children[c].target.id, "resuming its stream at byte {offset}");
+                    }
+                    self.children[c].next = from;
+                }
                 while self.children[c].next < self.sent.len() {
                     let chunk = self.for_child(self.children[c].next, c);
                     let Some(tx) = self.children[c].tx.clone() else { break };
@@ -207,7 +249,7 @@ impl Relay {
     fn replace(&mut self, child: Child, err: tonic::Status) {
         if err.code() == tonic::Code::DataLoss && child.resends < RESENDS {
             tracing::warn!(replica = %child.target.id, "it received a corrupt chunk; sending it the stream again: {}", err.message());
-            self.attach(child.target, child.subtree, child.resends + 1);
+            self.attach(child.target, child.subtree, child.resends + 1, true);
             return;
         }
         tracing::warn!(
@@ -223,7 +265,7 @@ impl Relay {
             received: 0,
         });
         for (target, subtree) in split(&child.subtree, self.fanout) {
-            self.attach(target, subtree, 0);
+            self.attach(target, subtree, 0, true);
         }
     }
 
@@ -277,31 +319,112 @@ impl Relay {
     }
 }
 
+/// Streams that broke off mid-way, kept so that a sender can resume them (`StageProgress`): the assembly so far and
+/// the relay it was feeding, whose streams to the replicas below stay open meanwhile.
+#[derive(Clone, Default)]
+pub struct Partials(Arc<Mutex<HashMap<(String, String), Parked>>>);
+
+struct Parked {
+    asm: Assembler,
+    relay: Relay,
+    at: Instant,
+}
+
+/// How long a broken stream is kept for a resume.
+const PARK_FOR: Duration = Duration::from_secs(30);
+
+impl Partials {
+    /// Bytes held of `version` from a broken stream (0: none).
+    pub fn progress(&self, namespace: &str, version: &str) -> u64 {
+        let mut map = self.0.lock().expect("partials");
+        map.retain(|_, p| p.at.elapsed() < PARK_FOR);
+        map.get(&(namespace.to_string(), version.to_string())).map_or(0, |p| p.asm.received())
+    }
+
+    fn park(&self, asm: Assembler, relay: Relay) {
+        if asm.received() == 0 || asm.done {
+            return;
+        }
+        tracing::warn!(version = %asm.version, "staging stream broke off after {} bytes; kept {PARK_FOR:?} for a resume", asm.received());
+        let key = (asm.namespace.clone(), asm.version.clone());
+        let mut map = self.0.lock().expect("partials");
+        map.retain(|_, p| p.at.elapsed() < PARK_FOR);
+        map.insert(key, Parked { asm, relay, at: Instant::now() });
+    }
+
+    fn take(&self, namespace: &str, version: &str) -> Option<Parked> {
+        self.0.lock().expect("partials").remove(&(namespace.to_string(), version.to_string()))
+    }
+}
+
 /// Receives one staged delta, relaying every intact chunk downstream as soon as it arrived (to the first chunk's
-/// `forward` list). A corrupt chunk ends the stream with `DataLoss`, before it is relayed, so the sender sends the
-/// stream again. Returns the verified delta and the relay; the caller finishes the relay (collects its children's
-/// acknowledgements) while it prepares the delta.
-pub async fn receive(stream: &mut Streaming<StageChunk>, connect: Connect) -> Result<(Received, Relay), Status> {
-    let mut asm = Assembler::default();
-    let mut relay: Option<Relay> = None;
+/// `forward` list). A corrupt chunk ends the stream with `DataLoss` before it is relayed; a stream that breaks off is
+/// parked in `partials`, so the sender (or whoever replaces it) resumes at the offset reached. Returns the verified
+/// delta and the relay; the caller finishes the relay (collects its children's acknowledgements) while it prepares
+/// the delta.
+pub async fn receive(
+    stream: &mut Streaming<StageChunk>,
+    connect: Connect,
+    partials: &Partials,
+) -> Result<(Received, Relay), Status> {
+    // Parks whatever was received on every way out but success, including this future being dropped: the server
+    // drops a handler whose client's connection died, which is exactly when a resume is wanted.
+    struct Held<'a> {
+        partials: &'a Partials,
+        state: Option<(Assembler, Relay)>,
+    }
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            if let Some((asm, relay)) = self.state.take() {
+                self.partials.park(asm, relay);
+            }
+        }
+    }
+    let mut held = Held { partials, state: None };
+    let mut resumed_from = 0;
     // Fault injection for tests and drills: a slow relay (so a kill lands mid-stream).
     let delay =
         std::env::var("ENGRAM_FAULT_RELAY_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
     loop {
-        let chunk = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument(format!("stream ended after {} bytes without its last chunk", asm.received()))
-        })?;
-        let relay = relay.get_or_insert_with(|| {
-            tracing::info!(version = %chunk.version, "receiving a staged delta; relaying it to {} replica(s)", chunk.forward.len());
-            Relay::from_first_chunk(&chunk, connect.clone())
-        });
+        let chunk = match stream.message().await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                let received = held.state.as_ref().map_or(0, |(a, _)| a.received());
+                return Err(Status::invalid_argument(format!(
+                    "stream ended after {received} bytes without its last chunk"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if held.state.is_none() {
+            held.state = Some(if chunk.offset > 0 {
+                let p = partials.take(&chunk.namespace, &chunk.version).filter(|p| p.asm.received() == chunk.offset);
+                let p = p.ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "a stream of {} resuming at byte {}, but no broken stream of it ends there",
+                        chunk.version, chunk.offset
+                    ))
+                })?;
+                tracing::info!(version = %chunk.version, "resuming a staged delta at byte {}", chunk.offset);
+                resumed_from = chunk.offset;
+                (p.asm, p.relay)
+            } else {
+                tracing::info!(version = %chunk.version, "receiving a staged delta; relaying it to {} replica(s)", chunk.forward.len());
+                (Assembler::default(), Relay::from_first_chunk(&chunk, connect.clone()))
+            });
+        }
+        let (asm, relay) = held.state.as_mut().expect("set above");
+        // A corrupt chunk is not taken: what came before it stays held, for a resume. The assembly and the relay
+        // take each chunk together, with no await between, so a cancelled handler parks them in step.
         let done = asm.push(chunk.clone())?;
+        relay.accept(chunk);
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
-        relay.forward(chunk).await;
-        if let Some(received) = done {
-            let relay = std::mem::replace(relay, Relay::new(&[], 1, None, connect.clone()));
+        relay.pump().await;
+        if let Some(mut received) = done {
+            let (_, relay) = held.state.take().expect("set above");
+            received.resumed_from = resumed_from;
             return Ok((received, relay));
         }
     }

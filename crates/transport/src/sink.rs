@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use engram_proto::v1::replica_server::{Replica, ReplicaServer};
 use engram_proto::v1::{
-    CommitAck, CommitRequest, GenerateRequest, GenerateResponse, ReplicaStatus, StageAck, StageChunk, StatusRequest,
+    CommitAck, CommitRequest, GenerateRequest, GenerateResponse, ReplicaStatus, StageAck, StageChunk,
+    StageProgressRequest, StatusRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::relay::{receive, Connect};
+use crate::relay::{receive, Connect, Partials};
 
 /// What a sink staged: (version, SHA-256 of the bytes), in order.
 pub type Staged = Arc<Mutex<Vec<(String, String)>>>;
@@ -20,12 +21,21 @@ pub struct Sink {
     pub staged: Staged,
     /// Stage calls received, failed ones included.
     pub attempts: Arc<std::sync::atomic::AtomicUsize>,
+    /// For each delta staged, the byte its final stream started at (> 0: a resumed stream).
+    pub resumed_from: Arc<Mutex<Vec<u64>>>,
+    partials: Partials,
     connect: Connect,
 }
 
 impl Sink {
     pub fn new(connect: Connect) -> Self {
-        Self { staged: Arc::default(), attempts: Arc::default(), connect }
+        Self {
+            staged: Arc::default(),
+            attempts: Arc::default(),
+            resumed_from: Arc::default(),
+            partials: Partials::default(),
+            connect,
+        }
     }
 
     pub fn server(self) -> ReplicaServer<Self> {
@@ -38,7 +48,8 @@ impl Replica for Sink {
     async fn stage(&self, request: Request<Streaming<StageChunk>>) -> Result<Response<StageAck>, Status> {
         self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut stream = request.into_inner();
-        let (received, relay) = receive(&mut stream, self.connect.clone()).await?;
+        let (received, relay) = receive(&mut stream, self.connect.clone(), &self.partials).await?;
+        self.resumed_from.lock().expect("resumed").push(received.resumed_from);
         // The assembler verified the bytes against this hash.
         self.staged.lock().expect("staged").push((received.version.clone(), received.hash.clone()));
         let downstream = relay.finish().await;
@@ -49,6 +60,12 @@ impl Replica for Sink {
             downstream,
             error: String::new(),
         }))
+    }
+
+    async fn stage_progress(&self, request: Request<StageProgressRequest>) -> Result<Response<StageAck>, Status> {
+        let r = request.into_inner();
+        let received = self.partials.progress(&r.namespace, &r.version);
+        Ok(Response::new(StageAck { version: r.version, received, ..Default::default() }))
     }
 
     async fn commit(&self, _: Request<CommitRequest>) -> Result<Response<CommitAck>, Status> {

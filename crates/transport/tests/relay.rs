@@ -116,6 +116,8 @@ async fn a_corrupted_chunk_is_detected_and_sent_again() {
     let outcomes = send_all(root(&nodes.iter().collect::<Vec<_>>(), 1).corrupting(5), &it).await;
     assert!(outcomes.iter().all(|o| o.ok), "{outcomes:?}");
     assert_eq!(nodes[0].sink.attempts.load(Ordering::SeqCst), 2, "the corrupt stream was not sent again");
+    // Sent again from the damaged chunk on, not from the start.
+    assert_eq!(*nodes[0].sink.resumed_from.lock().unwrap(), vec![5 * (64 << 10)]);
     for n in &nodes {
         // Nothing but the true delta was ever staged anywhere.
         assert_eq!(staged(n), vec![(it.version.clone(), it.hash.clone())], "{}", n.target.id);
@@ -141,6 +143,9 @@ async fn a_relay_killed_mid_stream_is_passed_over_and_its_subtree_reattached() {
         assert!(outcome(&outcomes, &nodes[i]).ok, "{:?}", outcome(&outcomes, &nodes[i]));
         assert_eq!(staged(&nodes[i]), vec![(it.version.clone(), it.hash.clone())], "r{i}");
     }
-    // r3 lost its stream from r2 and was sent everything again by r1.
+    // r3 lost its stream from r2; r1 resumed it where it broke off, and r3 kept relaying to r4 on the stream it had.
     assert_eq!(nodes[3].sink.attempts.load(Ordering::SeqCst), 2);
+    let resumed = nodes[3].sink.resumed_from.lock().unwrap().clone();
+    assert!(resumed.len() == 1 && resumed[0] > 0, "r3 was not resumed: {resumed:?}");
+    assert_eq!(nodes[4].sink.attempts.load(Ordering::SeqCst), 1, "r4's stream should never have broken");
 }

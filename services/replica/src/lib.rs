@@ -91,6 +91,8 @@ pub struct Replica {
     ready: std::sync::atomic::AtomicBool,
     /// Channels to the replicas this one relays staged chunks to (pipelined broadcast).
     relay: engram_transport::relay::Connect,
+    /// Staging streams that broke off, kept for a resume.
+    partials: engram_transport::relay::Partials,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -113,6 +115,7 @@ impl Replica {
             stale: Mutex::new(HashMap::new()),
             ready: false.into(),
             relay: Arc::new(engram_transport::GrpcStream::default()).connector(),
+            partials: Default::default(),
         })
     }
 
@@ -228,7 +231,8 @@ impl Replica {
     /// Receives a staged delta (relaying each intact chunk to the replicas named in the first one as it arrives),
     /// then verifies and prepares it while the relayed replicas acknowledge.
     async fn stage_chunks(&self, mut stream: Streaming<StageChunk>) -> Result<StageAck, Status> {
-        let (received, relay) = engram_transport::relay::receive(&mut stream, self.relay.clone()).await?;
+        let (received, relay) =
+            engram_transport::relay::receive(&mut stream, self.relay.clone(), &self.partials).await?;
         let (version, len) = (received.version.clone(), received.bytes.len() as u64);
         // Prepared by this node's deadline or reported not ready: a slow replica must not hold back the outcomes of
         // the replicas it relayed to.
@@ -449,6 +453,15 @@ pub struct Service(pub Arc<Replica>);
 impl replica_server::Replica for Service {
     async fn stage(&self, request: Request<Streaming<StageChunk>>) -> Result<Response<StageAck>, Status> {
         self.0.stage_chunks(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn stage_progress(
+        &self,
+        request: Request<engram_proto::v1::StageProgressRequest>,
+    ) -> Result<Response<StageAck>, Status> {
+        let r = request.into_inner();
+        let received = self.0.partials.progress(&r.namespace, &r.version);
+        Ok(Response::new(StageAck { version: r.version, received, ..Default::default() }))
     }
 
     async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitAck>, Status> {
