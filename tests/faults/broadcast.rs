@@ -16,6 +16,14 @@ async fn serving(address: &str, ns: &str) -> Option<String> {
     s.serving.get(ns).cloned()
 }
 
+/// A document about one fresh person.
+fn document(seed: u64) -> String {
+    let world = engram_world::World::new();
+    let mut rng = engram_world::Rng::derive(seed, 3);
+    let person = world.new_people(&mut rng, 1).remove(0);
+    world.document(&mut rng, std::slice::from_ref(&person), false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_middle_replica_of_a_chain_killed_mid_broadcast_is_routed_around() {
     if !engram_lineage::local_etcd::etcd_available_for_tests() {
@@ -32,11 +40,7 @@ async fn a_middle_replica_of_a_chain_killed_mid_broadcast_is_routed_around() {
     namespace(&client, "chain").await;
     wait_ready(&client, 5).await;
 
-    let world = engram_world::World::new();
-    let mut rng = engram_world::Rng::derive(91, 3);
-    let person = world.new_people(&mut rng, 1).remove(0);
-    let doc = world.document(&mut rng, std::slice::from_ref(&person), false);
-    let job = client.consolidate("chain", vec![doc], "chain-kill").await.unwrap();
+    let job = client.consolidate("chain", vec![document(91)], "chain-kill").await.unwrap();
 
     // Replica-2 (the third replica; `cluster` started the coordinator first) dies once it is receiving and relaying.
     let log = dir.path().join("replica-2.log");
@@ -82,5 +86,43 @@ async fn a_middle_replica_of_a_chain_killed_mid_broadcast_is_routed_around() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("restarted replica-2 serves the head after {:.1} s", start.elapsed().as_secs_f64());
+    drop(procs);
+}
+
+/// A relaying replica damages a chunk on its way down the chain (`ENGRAM_FAULT_CORRUPT_CHUNK=3` on replica-0): the next
+/// replica finds it by its CRC-32 and refuses it (`DataLoss`) before relaying or staging anything of it, is sent the
+/// stream again from that chunk, and every replica stages the true delta and serves the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_corrupted_on_the_way_is_refused_and_sent_again() {
+    if !engram_lineage::local_etcd::etcd_available_for_tests() {
+        return;
+    }
+    let etcd = engram_lineage::local_etcd::LocalEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "a_chunk_corrupted_on_the_way_is_refused_and_sent_again");
+    let store = etcd.url("/engram-corrupt");
+    let corrupting = vec![("ENGRAM_FAULT_CORRUPT_CHUNK", "3")];
+    let extra = ["--broadcast", "chain", "--stage-chunk-kb", "64"];
+    let (procs, coordinators, replicas) = cluster(&store, dir.path(), 1, &extra, 1, &[corrupting, vec![], vec![]]);
+    let client = Client::connect(&coordinators).await.unwrap();
+    namespace(&client, "corrupt").await;
+    wait_ready(&client, 3).await;
+    let job = client.consolidate("corrupt", vec![document(17)], "corrupt-1").await.unwrap();
+    let done = client.wait(&job.id).await.unwrap();
+    assert_eq!(done.state(), engram_sdk::JobState::Live, "{}", done.error);
+    let head = client.versions("corrupt", 1).await.unwrap().head;
+    for (i, r) in replicas.iter().enumerate() {
+        assert_eq!(serving(r, "corrupt").await.as_deref(), Some(head.as_str()), "replica-{i} is not on the head");
+    }
+    let log = |n: &str| std::fs::read_to_string(dir.path().join(format!("{n}.log"))).unwrap();
+    assert!(log("replica-0").contains("it received a corrupt chunk"), "replica-0 never heard of the damage");
+    let r1 = log("replica-1");
+    assert!(
+        r1.contains("resuming a staged delta at byte 196608"),
+        "replica-1 was not sent the stream again from chunk 3"
+    );
+    // Replica-2 only ever saw intact chunks: replica-1 relays a chunk after checking it.
+    assert_eq!(log("replica-2").matches("receiving a staged delta").count(), 1);
+    assert!(!log("coordinator-0").contains("marked stale"), "a replica was passed over");
     drop(procs);
 }

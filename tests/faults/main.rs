@@ -6,7 +6,8 @@
 //!
 //! Scenarios: kill -9 of a worker mid-run, of a replica, of the coordinator (restarted); of the leader of two
 //! coordinators in high availability; of one member of a three-member etcd cluster; of a replica mid-staging
-//! (`staging.rs`); of the middle replica of a chain relaying a delta (`broadcast.rs`); a partition that cuts the leader
+//! (`staging.rs`); of the middle replica of a chain relaying a delta, and a chunk corrupted on its way down the chain
+//! (`broadcast.rs`); a partition that cuts the leader
 //! coordinator off from etcd (`partition.rs`); a slow replica; a full blob-store disk; a leader paused past its lease.
 
 mod broadcast;
