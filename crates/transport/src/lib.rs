@@ -44,6 +44,19 @@ pub struct Target {
     pub id: String,
     /// `http://host:port` of its Replica service.
     pub address: String,
+    /// What it accepts for staging, as it registered: [`STREAM`], [`RELAY`] (empty: a stream only).
+    pub transports: Vec<String>,
+}
+
+/// A replica takes a staged delta as one stream of chunks.
+pub const STREAM: &str = "grpc-stream";
+/// A replica also relays the chunks to the replicas named in the first one (pipelined broadcast).
+pub const RELAY: &str = "grpc-relay";
+
+impl Target {
+    pub fn relays(&self) -> bool {
+        self.transports.iter().any(|t| t == RELAY)
+    }
 }
 
 #[async_trait]
@@ -335,7 +348,8 @@ pub struct Pipelined {
 
 impl Pipelined {
     pub fn new(fanout: usize, chunk_bytes: usize) -> Self {
-        Self { fanout: fanout.max(1), chunk_bytes: chunk_bytes.max(1), channels: Default::default() }
+        let chunk_bytes = chunk_bytes.max(1);
+        Self { fanout: fanout.max(1), chunk_bytes, channels: std::sync::Arc::new(GrpcStream::new(chunk_bytes)) }
     }
 }
 
@@ -350,19 +364,30 @@ impl Broadcaster for Pipelined {
     }
 
     async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
+        // Only replicas that advertise relaying go into the chain or tree (one that does not, an older version
+        // during a rolling upgrade say, would leave its part of the chain without data); the others get their own
+        // stream from here.
         let list: Vec<_> = targets
             .iter()
+            .filter(|t| t.relays())
             .map(|t| engram_proto::v1::StageTarget { id: t.id.clone(), address: t.address.clone() })
             .collect();
+        let direct: Vec<Target> = targets.iter().filter(|t| !t.relays()).cloned().collect();
         let deadline = std::time::Instant::now() + timeout;
-        let mut relay = relay::Relay::new(&list, self.fanout, Some(deadline), self.channels.connector());
-        for c in chunks(item, self.chunk_bytes) {
-            relay.forward(c).await;
-        }
-        let outcomes = relay.finish().await;
+        let pipelined = async {
+            let mut relay = relay::Relay::new(&list, self.fanout, Some(deadline), self.channels.connector());
+            for c in chunks(item, self.chunk_bytes) {
+                relay.forward(c).await;
+            }
+            relay.finish().await
+        };
+        let (outcomes, direct_acks) = tokio::join!(pipelined, self.channels.stage(&direct, item, timeout));
+        let mut direct_acks: HashMap<String, Result<StageAck>> =
+            direct.iter().map(|t| t.id.clone()).zip(direct_acks).collect();
         targets
             .iter()
             .map(|t| match outcomes.iter().find(|o| o.id == t.id) {
+                _ if !t.relays() => direct_acks.remove(&t.id).unwrap_or_else(|| Err(anyhow::anyhow!("not staged"))),
                 Some(o) if o.ok => Ok(StageAck {
                     version: item.version.clone(),
                     received: o.received,

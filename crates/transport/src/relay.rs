@@ -116,6 +116,11 @@ impl Relay {
         self
     }
 
+    /// How many replicas this node relays to, directly or through its children.
+    pub fn subtree_len(&self) -> usize {
+        self.children.iter().map(|c| 1 + c.subtree.len()).sum()
+    }
+
     /// When this node's acknowledgement is due (its parent waits a little longer).
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline

@@ -23,6 +23,8 @@ pub struct Sink {
     pub attempts: Arc<std::sync::atomic::AtomicUsize>,
     /// For each delta staged, the byte its final stream started at (> 0: a resumed stream).
     pub resumed_from: Arc<Mutex<Vec<u64>>>,
+    /// For each delta staged, how many replicas it relayed to (its subtree).
+    pub relayed_to: Arc<Mutex<Vec<usize>>>,
     partials: Partials,
     connect: Connect,
 }
@@ -33,6 +35,7 @@ impl Sink {
             staged: Arc::default(),
             attempts: Arc::default(),
             resumed_from: Arc::default(),
+            relayed_to: Arc::default(),
             partials: Partials::default(),
             connect,
         }
@@ -50,6 +53,7 @@ impl Replica for Sink {
         let mut stream = request.into_inner();
         let (received, relay) = receive(&mut stream, self.connect.clone(), &self.partials).await?;
         self.resumed_from.lock().expect("resumed").push(received.resumed_from);
+        self.relayed_to.lock().expect("relayed").push(relay.subtree_len());
         // The assembler verified the bytes against this hash.
         self.staged.lock().expect("staged").push((received.version.clone(), received.hash.clone()));
         let downstream = relay.finish().await;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use engram_proto::v1::{StageOutcome, StageTarget};
 use engram_transport::relay::Relay;
 use engram_transport::sink::Sink;
-use engram_transport::{chunks, GrpcStream, Staging};
+use engram_transport::{chunks, Broadcaster, GrpcStream, Pipelined, Staging, Target, RELAY, STREAM};
 use sha2::{Digest, Sha256};
 
 struct Node {
@@ -148,4 +148,28 @@ async fn a_relay_killed_mid_stream_is_passed_over_and_its_subtree_reattached() {
     let resumed = nodes[3].sink.resumed_from.lock().unwrap().clone();
     assert!(resumed.len() == 1 && resumed[0] > 0, "r3 was not resumed: {resumed:?}");
     assert_eq!(nodes[4].sink.attempts.load(Ordering::SeqCst), 1, "r4's stream should never have broken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_do_not_relay_get_their_own_stream() {
+    // r1 registered as a stream-only replica (an older version during a rolling upgrade): the chain is r0 -> r2, and
+    // r1 is streamed to directly.
+    let it = item(1 << 20);
+    let nodes: Vec<Node> = (0..3).map(Node::start).collect();
+    let targets: Vec<Target> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Target {
+            id: n.target.id.clone(),
+            address: n.target.address.clone(),
+            transports: if i == 1 { vec![STREAM.into()] } else { vec![STREAM.into(), RELAY.into()] },
+        })
+        .collect();
+    let acks = Pipelined::new(1, 64 << 10).stage(&targets, &it, Duration::from_secs(30)).await;
+    for (n, a) in nodes.iter().zip(&acks) {
+        assert!(a.is_ok(), "{}: {a:?}", n.target.id);
+        assert_eq!(staged(n), vec![(it.version.clone(), it.hash.clone())], "{}", n.target.id);
+    }
+    let relayed: Vec<Vec<usize>> = nodes.iter().map(|n| n.sink.relayed_to.lock().unwrap().clone()).collect();
+    assert_eq!(relayed, vec![vec![1], vec![0], vec![0]], "r0 should relay to r2 only");
 }

@@ -529,7 +529,7 @@ impl Coordinator {
             .replicas
             .iter()
             .filter(|(_, m)| m.expires > now)
-            .map(|(id, m)| Target { id: id.clone(), address: m.address.clone() })
+            .map(|(id, m)| Target { id: id.clone(), address: m.address.clone(), transports: m.transports.clone() })
             .collect();
         t.sort_by(|a, b| a.id.cmp(&b.id));
         t

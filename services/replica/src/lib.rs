@@ -435,7 +435,7 @@ impl Replica {
                         id: self.cfg.id.clone(),
                         address: self.cfg.advertise.clone(),
                         namespaces,
-                        transports: vec!["grpc-stream".into()],
+                        transports: vec![engram_transport::STREAM.into(), engram_transport::RELAY.into()],
                     })
                     .await?
                     .into_inner();
