@@ -52,6 +52,10 @@ enum Cmd {
         /// One JSON object on stdout instead of text.
         #[arg(long)]
         json: bool,
+        /// Bootstrap through an Engram coordinator (`http://host:port`): rank 0 makes the unique id and posts it
+        /// (`NcclRendezvous`), the other ranks fetch it over gRPC. Without it the ids go over the ranks' stdin.
+        #[arg(long)]
+        coordinator: Option<String>,
     },
     /// One rank: reads commands on stdin, answers one JSON line each (started by `bench`).
     #[command(hide = true)]
@@ -74,8 +78,8 @@ fn main() -> Result<()> {
             }
         },
         Cmd::Rank { device } => rank(device),
-        Cmd::Bench { ranks, size_mb, rounds, timeout_s, kill_rank, absent_rank, json } => {
-            let faults = Faults { kill_rank, absent_rank };
+        Cmd::Bench { ranks, size_mb, rounds, timeout_s, kill_rank, absent_rank, json, coordinator } => {
+            let faults = Faults { kill_rank, absent_rank, coordinator };
             bench(ranks, size_mb, rounds, Duration::from_secs_f64(timeout_s), faults, json)
         }
     }
@@ -120,6 +124,21 @@ fn rank(device: usize) -> Result<()> {
                     Err(e) => json!({"ok": false, "error": e.to_string(), "seconds": start.elapsed().as_secs_f64()}),
                 }
             }
+            ["init-via", coordinator, group, r, world, timeout_ms] => {
+                drop(comm.take());
+                let (r, world): (u32, u32) = (r.parse()?, world.parse()?);
+                let timeout = Duration::from_millis(timeout_ms.parse()?);
+                let start = Instant::now();
+                let joined = rendezvous(coordinator, group, r, world, timeout)
+                    .and_then(|id| Ok(Communicator::init(stream.clone(), &id, r as usize, world as usize, timeout)?));
+                match joined {
+                    Ok(c) => {
+                        comm = Some(c);
+                        json!({"ok": true, "seconds": start.elapsed().as_secs_f64()})
+                    }
+                    Err(e) => json!({"ok": false, "error": format!("{e:#}"), "seconds": start.elapsed().as_secs_f64()}),
+                }
+            }
             ["bcast", len, seed, timeout_ms] => {
                 let len: usize = len.parse()?;
                 let c = comm.as_mut().ok_or_else(|| anyhow!("bcast before init"))?;
@@ -156,6 +175,25 @@ fn rank(device: usize) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// The NCCL unique id of `group` through the coordinator: rank 0 makes and posts it, the others fetch it.
+fn rendezvous(coordinator: &str, group: &str, rank: u32, world: u32, wait: Duration) -> Result<UniqueId> {
+    use engram_proto::v1::{membership_client::MembershipClient, NcclRendezvousRequest};
+    let unique_id = if rank == 0 { UniqueId::new()?.to_bytes() } else { Vec::new() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = rt.block_on(async {
+        let mut c = MembershipClient::connect(coordinator.to_string()).await?;
+        let req = NcclRendezvousRequest {
+            group: group.to_string(),
+            rank,
+            world,
+            unique_id,
+            wait_ms: wait.as_millis() as u32,
+        };
+        anyhow::Ok(c.nccl_rendezvous(req).await?.into_inner())
+    })?;
+    Ok(UniqueId::from_bytes(&reply.unique_id)?)
 }
 
 // ---- the launcher ----
@@ -221,11 +259,26 @@ fn init_all(ranks: &mut [&mut RankProc], timeout: Duration) -> Result<Vec<Value>
     init_as(ranks, &(0..world).collect::<Vec<_>>(), world, timeout)
 }
 
+/// Where ranks get the unique id: over their stdin from here, or through a coordinator.
+static COORDINATOR: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 /// `init` with a fresh id, process `i` joining as rank `numbers[i]` of `world`.
 fn init_as(ranks: &mut [&mut RankProc], numbers: &[usize], world: usize, timeout: Duration) -> Result<Vec<Value>> {
-    let hex_id = hex::encode(UniqueId::new()?.to_bytes());
-    for (p, r) in ranks.iter_mut().zip(numbers) {
-        p.send(&format!("init {hex_id} {r} {world} {}", timeout.as_millis()))?;
+    static GENERATION: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    match COORDINATOR.get().cloned().flatten() {
+        Some(c) => {
+            let g = GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let group = format!("engram-nccl-bench-{}-{g}", std::process::id());
+            for (p, r) in ranks.iter_mut().zip(numbers) {
+                p.send(&format!("init-via {c} {group} {r} {world} {}", timeout.as_millis()))?;
+            }
+        }
+        None => {
+            let hex_id = hex::encode(UniqueId::new()?.to_bytes());
+            for (p, r) in ranks.iter_mut().zip(numbers) {
+                p.send(&format!("init {hex_id} {r} {world} {}", timeout.as_millis()))?;
+            }
+        }
     }
     ranks.iter_mut().map(|p| p.reply(timeout + Duration::from_secs(10))).collect()
 }
@@ -262,6 +315,7 @@ fn verify(replies: &[Value], expected: &str) -> Result<()> {
 struct Faults {
     kill_rank: Option<usize>,
     absent_rank: Option<usize>,
+    coordinator: Option<String>,
 }
 
 fn bench(n: usize, size_mb: usize, rounds: usize, timeout: Duration, faults: Faults, json_out: bool) -> Result<()> {
@@ -275,8 +329,10 @@ fn bench(n: usize, size_mb: usize, rounds: usize, timeout: Duration, faults: Fau
     }
     let rt = probe()?;
     eprintln!("{rt}; {n} rank processes, {size_mb} MiB, timeout {timeout:?}");
+    let _ = COORDINATOR.set(faults.coordinator.clone());
     let len = size_mb << 20;
-    let mut report = json!({"runtime": rt.to_string(), "ranks": n, "size_mb": size_mb});
+    let bootstrap = faults.coordinator.as_deref().map_or("stdin".to_string(), |c| format!("coordinator {c}"));
+    let mut report = json!({"runtime": rt.to_string(), "ranks": n, "size_mb": size_mb, "bootstrap": bootstrap});
     let kill_rank = faults.kill_rank;
     let mut procs: Vec<RankProc>;
     if let Some(a) = faults.absent_rank {

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod rendezvous;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,8 @@ pub struct Coordinator {
     /// `None`: this coordinator leads (the only one, or the election's winner). `Some(addr)`: a follower; `addr` is
     /// the leader's address as the election reports it (empty while unknown).
     follower_of: std::sync::RwLock<Option<String>>,
+    /// NCCL unique ids of GPU broadcast groups (bootstrap over gRPC).
+    nccl: rendezvous::Rendezvous,
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -121,6 +124,7 @@ impl Coordinator {
             changes,
             channels: Mutex::new(HashMap::new()),
             follower_of: std::sync::RwLock::new(None),
+            nccl: Default::default(),
         })
     }
 
@@ -966,6 +970,17 @@ impl membership_server::Membership for MembershipService {
     async fn next_job(&self, r: Request<pb::NextJobRequest>) -> Result<Response<pb::JobAssignment>, Status> {
         self.0.lead()?;
         self.0.next_job(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn nccl_rendezvous(
+        &self,
+        r: Request<pb::NcclRendezvousRequest>,
+    ) -> Result<Response<pb::NcclRendezvousReply>, Status> {
+        self.0.lead()?;
+        let r = r.into_inner();
+        let wait = Duration::from_millis(r.wait_ms as u64);
+        let (unique_id, world) = self.0.nccl.meet(&r.group, r.rank, r.world, r.unique_id, wait).await?;
+        Ok(Response::new(pb::NcclRendezvousReply { unique_id, world }))
     }
 
     async fn complete_job(&self, r: Request<pb::CompleteJobRequest>) -> Result<Response<pb::Job>, Status> {
