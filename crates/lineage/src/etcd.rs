@@ -59,16 +59,23 @@ impl EtcdStore {
 }
 
 /// Runs `f` again (a few times, briefly) while its request did not reach any member.
-async fn retry_unreached<T, F, Fut>(f: F) -> Result<T>
+/// A read that failed while etcd was electing a raft leader (the member it reached lost its leader, or the leader
+/// changed under the request). Reads are safe to repeat; writes are not retried on these (their outcome is unknown).
+fn leaderless(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(m) if m.contains("leader changed") || m.contains("no leader") || m.contains("request timed out"))
+}
+
+/// Runs a read, repeating it while no member is reached or etcd is between raft leaders (an election takes about a
+/// second; up to 5 s here), so a member's death does not fail the jobs that were reading at the time.
+async fn retry_read<T, F, Fut>(f: F) -> Result<T>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let mut tries = 0;
+    let start = std::time::Instant::now();
     loop {
         match f().await {
-            Err(e) if unreached(&e) && tries < 20 => {
-                tries += 1;
+            Err(e) if (unreached(&e) || leaderless(&e)) && start.elapsed() < Duration::from_secs(5) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => return other,
@@ -174,7 +181,7 @@ impl LineageStore for EtcdStore {
     }
 
     async fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let resp = retry_unreached(|| async { self.client.clone().get(key, None).await.map_err(unavailable) }).await?;
+        let resp = retry_read(|| async { self.client.clone().get(key, None).await.map_err(unavailable) }).await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
@@ -184,10 +191,9 @@ impl LineageStore for EtcdStore {
         if let Some(l) = limit {
             opts = opts.with_limit(l as i64);
         }
-        let resp = retry_unreached(|| async {
-            self.client.clone().get(prefix, Some(opts.clone())).await.map_err(unavailable)
-        })
-        .await?;
+        let resp =
+            retry_read(|| async { self.client.clone().get(prefix, Some(opts.clone())).await.map_err(unavailable) })
+                .await?;
         resp.kvs()
             .iter()
             .map(|kv| {

@@ -238,12 +238,18 @@ impl Relay {
             for (c, why) in broken.into_iter().rev() {
                 let mut child = self.children.remove(c);
                 child.tx = None;
-                let err = match why {
-                    Some(why) => {
+                let ended = match (why, self.deadline) {
+                    (Some(_), _) => None,
+                    // Its stream is gone, so its call is ending; bounded all the same.
+                    (None, Some(d)) => tokio::time::timeout_at(d.into(), &mut child.call).await.ok(),
+                    (None, None) => Some((&mut child.call).await),
+                };
+                let err = match ended {
+                    Some(r) => call_error(r),
+                    None => {
                         child.call.abort();
-                        tonic::Status::deadline_exceeded(format!("{why}: took no chunk before the deadline"))
+                        tonic::Status::deadline_exceeded("stalled: took no chunk before the deadline")
                     }
-                    None => call_error((&mut child.call).await),
                 };
                 self.replace(child, err);
             }

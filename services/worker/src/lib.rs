@@ -306,7 +306,19 @@ impl Worker {
                     .await?
                     .into_inner();
                 let Some(job) = a.job.clone() else { continue };
-                let report = self.run_job(&a).await;
+                let mut report = self.run_job(&a).await;
+                // The store or blob store briefly unavailable (an etcd member dying, a leader election) is not the
+                // job's fault: try again here before reporting a failure, which would be final.
+                for wait in [1, 2, 4] {
+                    match &report {
+                        Err(e) if transient(e) => {
+                            tracing::warn!(job = %job.id, "transient failure, trying again in {wait} s: {e:#}");
+                            tokio::time::sleep(Duration::from_secs(wait)).await;
+                            report = self.run_job(&a).await;
+                        }
+                        _ => break,
+                    }
+                }
                 let mut req = pb::CompleteJobRequest {
                     worker: self.cfg.id.clone(),
                     lease_id: lease.lease_id,
@@ -373,4 +385,9 @@ impl Worker {
         outcome.inject_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok((outcome, delta_ref, state_hash))
     }
+}
+
+/// An error worth trying again: the lineage or blob store was unavailable.
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<engram_lineage::Error>(), Some(engram_lineage::Error::Unavailable(_))))
 }
