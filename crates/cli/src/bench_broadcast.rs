@@ -41,6 +41,7 @@ pub struct BroadcastBenchArgs {
     /// 1: a chain; K: a K-ary tree.
     #[arg(long, default_value_t = 1)]
     fanout: usize,
+    /// Chunk size, KiB: each chunk is checked and relayed on its own.
     #[arg(long, default_value_t = 1024)]
     chunk_kb: usize,
     /// Link rate for the namespaces' veth links, Mbit/s.
@@ -340,7 +341,13 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
         eprintln!("loopback, one replica: raw TCP {raw:.2} s, staged {staged:.2} s");
     }
 
-    let net = if a.loopback { None } else { Some(Net::build(max + 1, a.rate_mbit)?) };
+    let net = if a.loopback {
+        None
+    } else {
+        Some(Net::build(max + 1, a.rate_mbit).context(
+            "setting up network namespaces and shaped links (needs root and iproute2; --loopback runs without)",
+        )?)
+    };
     let mut nodes = Vec::new();
     let mut grpc = Vec::new();
     let mut raw_addr = String::new();
