@@ -158,18 +158,7 @@ async fn the_leader_coordinator_fails_over_under_load() {
     drop(std::mem::replace(&mut procs[leader], Proc::none())); // SIGKILL
     let killed = Instant::now();
     // Failover: from the kill to the first acknowledged request (on the new leader).
-    let mut n = 0;
-    let failover = loop {
-        n += 1;
-        let probe = Client::connect(&coordinators).await.unwrap();
-        let key = format!("probe-{n}");
-        let req = probe.consolidate("probe", vec!["<doc> probe </doc>".into()], &key);
-        if tokio::time::timeout(Duration::from_secs(1), req).await.is_ok_and(|r| r.is_ok()) {
-            break killed.elapsed();
-        }
-        assert!(killed.elapsed() < Duration::from_secs(30), "no coordinator took over within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let failover = first_acknowledged(&coordinators, killed).await;
     eprintln!(
         "leader coordinator-{leader} killed; failover to the first accepted request in {:.2} s",
         failover.as_secs_f64()
@@ -179,6 +168,22 @@ async fn the_leader_coordinator_fails_over_under_load() {
     let out = load.await.unwrap();
     check(&client, &replicas, "ha", &out, HA_DOCS).await;
     drop(procs);
+}
+
+/// Time from `since` to the first `Consolidate` acknowledged by any of `coordinators` (acknowledged means durable, so
+/// by a leader that holds its lease), into the namespace "probe" (which the caller created).
+async fn first_acknowledged(coordinators: &str, since: Instant) -> Duration {
+    for n in 0.. {
+        let probe = Client::connect(coordinators).await.unwrap();
+        let key = format!("probe-{n}");
+        let req = probe.consolidate("probe", vec!["<doc> probe </doc>".into()], &key);
+        if tokio::time::timeout(Duration::from_secs(1), req).await.is_ok_and(|r| r.is_ok()) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "no coordinator took over within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
 }
 
 /// Which of the comma-separated coordinators leads: a follower refuses with the leader's address.

@@ -104,18 +104,7 @@ async fn a_leader_cut_off_from_etcd_steps_down_and_the_follower_takes_over() {
     let cut = Instant::now();
     eprintln!("cut coordinator-0 off from etcd at {at} live versions");
     // Recovery: from the cut to the first request acknowledged (durably, so by the new leader).
-    let mut n = 0;
-    let recovered = loop {
-        n += 1;
-        let probe = Client::connect(&coordinators).await.unwrap();
-        let key = format!("probe-{n}");
-        let req = probe.consolidate("probe", vec!["<doc> probe </doc>".into()], &key);
-        if tokio::time::timeout(Duration::from_secs(1), req).await.is_ok_and(|r| r.is_ok()) {
-            break cut.elapsed();
-        }
-        assert!(cut.elapsed() < Duration::from_secs(30), "no coordinator took over within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let recovered = first_acknowledged(&coordinators, cut).await;
     eprintln!("partition: first request acknowledged {:.2} s after the cut", recovered.as_secs_f64());
     assert!(recovered < Duration::from_secs(7), "recovery took {recovered:?}, more than the lease (2 s) + 5 s");
     assert_eq!(leader_of(&coordinators, "part").await, 1, "the follower did not take over");
