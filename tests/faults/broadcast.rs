@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-async fn serving(address: &str, ns: &str) -> Option<String> {
-    let mut c = engram_sdk::pb::replica_client::ReplicaClient::connect(address.to_string()).await.ok()?;
-    let s = c.status(engram_sdk::pb::StatusRequest {}).await.ok()?.into_inner();
-    s.serving.get(ns).cloned()
-}
-
 /// A document about one fresh person.
 fn document(seed: u64) -> String {
     let world = engram_world::World::new();

@@ -186,6 +186,13 @@ async fn first_acknowledged(coordinators: &str, since: Instant) -> Duration {
     unreachable!()
 }
 
+/// The version replica `address` serves for `ns` (None: it does not answer or serves nothing there).
+async fn serving(address: &str, ns: &str) -> Option<String> {
+    let mut c = engram_sdk::pb::replica_client::ReplicaClient::connect(address.to_string()).await.ok()?;
+    let s = c.status(engram_sdk::pb::StatusRequest {}).await.ok()?.into_inner();
+    s.serving.get(ns).cloned()
+}
+
 /// Which of the comma-separated coordinators leads: a follower refuses with the leader's address.
 async fn leader_of(coordinators: &str, ns: &str) -> usize {
     for (i, a) in coordinators.split(',').enumerate() {
@@ -396,9 +403,7 @@ async fn a_full_blob_disk_fails_jobs_cleanly_and_recovery_follows() {
     loop {
         let mut all = true;
         for a in &replicas {
-            let mut c = engram_sdk::pb::replica_client::ReplicaClient::connect(a.clone()).await.unwrap();
-            let s = c.status(engram_sdk::pb::StatusRequest {}).await.unwrap().into_inner();
-            all &= s.serving.get("full") == Some(&head);
+            all &= serving(a, "full").await.as_ref() == Some(&head);
         }
         if all {
             break;
