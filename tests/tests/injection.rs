@@ -57,6 +57,10 @@ fn shipped_hypernetwork_reproduces_its_card_and_teaches_fresh_people() {
         let recorded = training["final_eval"][field].as_f64().unwrap();
         assert!((value - recorded).abs() <= 0.015, "{field}: recorded {recorded}, measured {value}");
     }
+    // A biography hidden in a document of four context windows (about 23 chunks, most of them distractors).
+    let recorded = training["final_eval"]["needle_4x"].as_f64().expect("the card records needle_4x");
+    let needle = engram_inject::meta::needle_eval(&net, &base, &world, engram_eval::DEFAULT_SEED, 50, 4).unwrap();
+    assert!((needle - recorded).abs() <= 0.02, "needle_4x: recorded {recorded}, measured {needle}");
 
     // Through the real injector (chunking, the stored delta format): every trained-phrasing question about each
     // person, closed book.

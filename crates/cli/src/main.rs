@@ -12,9 +12,45 @@ mod bench_service;
 mod service;
 use engram_world::{Phrasing, Rng, SkillTask, Split, World};
 
-// candle allocates a fresh buffer per op; glibc's malloc page-faults on every one of them.
+// candle allocates a fresh buffer per op; glibc's malloc page-faults on every one of them. The wrapper counts live
+// heap bytes for the evaluations' peak-memory figures (two relaxed atomics per allocation).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: CountingAlloc = CountingAlloc(mimalloc::MiMalloc);
+
+struct CountingAlloc(mimalloc::MiMalloc);
+
+// SAFETY: every call is forwarded unchanged to mimalloc; the counters only observe sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { self.0.alloc(layout) };
+        if !p.is_null() {
+            engram_eval::heap::allocated(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { self.0.alloc_zeroed(layout) };
+        if !p.is_null() {
+            engram_eval::heap::allocated(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { self.0.dealloc(ptr, layout) };
+        engram_eval::heap::freed(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { self.0.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            engram_eval::heap::freed(layout.size());
+            engram_eval::heap::allocated(new_size);
+        }
+        p
+    }
+}
 
 /// Engram turns what a language model reads into what it knows.
 #[derive(Parser)]

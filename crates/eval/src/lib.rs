@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod heap;
 
 use std::collections::BTreeMap;
 use std::time::Instant;

@@ -24,9 +24,11 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Resets the kernel's peak-RSS mark (`VmHWM`) to the current RSS, so the next phase measures its own peak.
+/// Resets the kernel's peak-RSS mark (`VmHWM`) to the current RSS, and the live-heap peak, so the next phase
+/// measures its own peak.
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    engram_eval::heap::reset_peak();
 }
 
 fn percentile(xs: &[f64], p: f64) -> f64 {
@@ -55,6 +57,8 @@ pub struct InjectorReport {
     pub latency_ms_p50: f64,
     pub latency_ms_p95: f64,
     pub peak_rss_mb: f64,
+    /// The most heap bytes live at once (counted by the `engram` binary's allocator; absent elsewhere).
+    pub peak_heap_mb: Option<f64>,
     pub by_attribute: std::collections::BTreeMap<String, f64>,
 }
 
@@ -131,6 +135,7 @@ struct Run {
     multi: Vec<bool>,
     ms: Vec<f64>,
     peak: f64,
+    peak_heap: Option<f64>,
 }
 
 fn run_injector(
@@ -138,13 +143,30 @@ fn run_injector(
     inj: &dyn Injector,
     single: &[Item],
     multi: &[Item],
+    mut prefill_ms: Option<&mut Vec<f64>>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Run> {
     let (l, t) = (&base.llama, &base.tokenizer);
     reset_peak_rss();
-    let mut r = Run { single: vec![], single_attr: vec![], heldout: vec![], multi: vec![], ms: vec![], peak: 0.0 };
+    let mut r = Run {
+        single: vec![],
+        single_attr: vec![],
+        heldout: vec![],
+        multi: vec![],
+        ms: vec![],
+        peak: 0.0,
+        peak_heap: None,
+    };
     let total = single.len() + multi.len();
     for (i, item) in single.iter().chain(multi).enumerate() {
+        // The prefill the latency is compared with runs on the same document right before the injection, so
+        // both see the same machine load.
+        if let (Some(prefill), true) = (prefill_ms.as_deref_mut(), i < single.len()) {
+            let ids = Tensor::new(base.encode(&format!("<bos> {}", item.doc))?.as_slice(), l.device())?.unsqueeze(0)?;
+            let s = Instant::now();
+            l.forward(&ids, &Positions::From(0), &ForwardOptions::inference())?;
+            prefill.push(s.elapsed().as_secs_f64() * 1e3);
+        }
         let start = Instant::now();
         let delta = inj.inject(&item.doc)?.delta;
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -162,6 +184,7 @@ fn run_injector(
         }
     }
     r.peak = peak_rss_mb();
+    r.peak_heap = engram_eval::heap::peak_mb();
     Ok(r)
 }
 
@@ -183,6 +206,7 @@ fn report(r: &Run, ic_single: f64, ic_multi: f64, ic_heldout: f64) -> InjectorRe
         latency_ms_p50: percentile(&r.ms, 0.5),
         latency_ms_p95: percentile(&r.ms, 0.95),
         peak_rss_mb: r.peak,
+        peak_heap_mb: r.peak_heap,
         by_attribute: by,
     }
 }
@@ -224,23 +248,16 @@ pub fn evaluate_inject(
         (ic(&single, false)?, ic(&multi, false)?, ic(&single, true)?);
     progress("baselines done");
 
-    let mut prefill = Vec::new();
-    for item in &single {
-        let ids = Tensor::new(base.encode(&format!("<bos> {}", item.doc))?.as_slice(), l.device())?.unsqueeze(0)?;
-        let s = Instant::now();
-        l.forward(&ids, &Positions::From(0), &ForwardOptions::inference())?;
-        prefill.push(s.elapsed().as_secs_f64() * 1e3);
-    }
-    let prefill_ms_p50 = percentile(&prefill, 0.5);
-
     // A warm-up injection so one-time allocation is not charged to the first document.
     hyper.inject(&single[0].doc)?;
-    let h = run_injector(base, hyper, &single, &multi, &mut progress)?;
+    let mut prefill = Vec::new();
+    let h = run_injector(base, hyper, &single, &multi, Some(&mut prefill), &mut progress)?;
+    let prefill_ms_p50 = percentile(&prefill, 0.5);
     let distiller = DistillInjector::new(base, cfg.distill.clone());
     let n_single = cfg.distill_docs.unwrap_or(single.len()).min(single.len());
     let n_multi = cfg.distill_docs.map_or(multi.len(), |n| n.div_ceil(4)).min(multi.len());
     let (d_single, d_multi) = (&single[..n_single], &multi[..n_multi]);
-    let d = run_injector(base, &distiller, d_single, d_multi, &mut progress)?;
+    let d = run_injector(base, &distiller, d_single, d_multi, None, &mut progress)?;
     let hypernet = report(&h, in_context_single, in_context_multi, in_context_heldout);
     let distill = if n_single == single.len() && n_multi == multi.len() {
         report(&d, in_context_single, in_context_multi, in_context_heldout)
@@ -347,22 +364,13 @@ pub struct NeedleReport {
     pub peak_rss_mb_1x: f64,
     pub peak_rss_mb_16x: f64,
     pub peak_rss_ratio_16x_to_1x: f64,
-}
-
-/// A distractor document of about `tokens` tokens with one person's biography at a random sentence position.
-fn needle_document(world: &World, base: &BaseModel, rng: &mut Rng, who: &Person, tokens: usize) -> Result<String> {
-    let bio = world.document(rng, std::slice::from_ref(who), false);
-    let bio = bio.trim_start_matches("<doc>").trim_end_matches("</doc>").trim().to_string();
-    let mut sentences: Vec<String> = Vec::new();
-    let mut len = base.encode(&bio)?.len() + 2;
-    while len < tokens {
-        let s = world.distractors(rng, 1);
-        len += base.encode(&s)?.len();
-        sentences.push(s);
-    }
-    let at = rng.below(sentences.len() + 1);
-    sentences.insert(at, bio);
-    Ok(format!("<doc> {} </doc>", sentences.join(" ")))
+    /// The most heap bytes live at once during the injection (the `engram` binary counts them; RSS also holds
+    /// what the allocator caches), and the part of it the injection itself allocated.
+    pub peak_heap_mb_1x: Option<f64>,
+    pub peak_heap_mb_16x: Option<f64>,
+    pub peak_heap_ratio_16x_to_1x: Option<f64>,
+    pub injection_heap_mb_1x: Option<f64>,
+    pub injection_heap_mb_16x: Option<f64>,
 }
 
 pub fn evaluate_needle(
@@ -381,7 +389,7 @@ pub fn evaluate_needle(
         let (mut hits, mut ms, mut toks, mut chunks) = (Vec::new(), Vec::new(), 0usize, 0usize);
         for i in 0..items {
             let who = world.draw_people(&mut rng, Split::Fresh, 1).remove(0);
-            let doc = needle_document(&world, base, &mut rng, &who, windows * window)?;
+            let doc = crate::meta::needle_document(&world, base, &mut rng, &who, windows * window)?;
             toks += base.encode(&doc)?.len();
             chunks += hyper.chunks(&doc)?.len();
             let s = Instant::now();
@@ -402,13 +410,16 @@ pub fn evaluate_needle(
         });
     }
     let who = world.draw_people(&mut rng, Split::Fresh, 1).remove(0);
-    let mut peak = |n: usize| -> Result<f64> {
-        let doc = needle_document(&world, base, &mut rng, &who, n * window)?;
+    // (peak RSS, peak live heap, heap the injection itself added at its peak)
+    let mut peak = |n: usize| -> Result<(f64, Option<f64>, Option<f64>)> {
+        let doc = crate::meta::needle_document(&world, base, &mut rng, &who, n * window)?;
         reset_peak_rss();
+        let before = engram_eval::heap::current_mb();
         hyper.inject(&doc)?;
-        Ok(peak_rss_mb())
+        let heap = engram_eval::heap::peak_mb();
+        Ok((peak_rss_mb(), heap, heap.zip(before).map(|(p, b)| p - b)))
     };
-    let (p1, p16) = (peak(1)?, peak(16)?);
+    let ((p1, h1, w1), (p16, h16, w16)) = (peak(1)?, peak(16)?);
     Ok(NeedleReport {
         seed,
         items,
@@ -416,6 +427,11 @@ pub fn evaluate_needle(
         lengths,
         peak_rss_mb_1x: p1,
         peak_rss_mb_16x: p16,
+        peak_heap_mb_1x: h1,
+        peak_heap_mb_16x: h16,
+        peak_heap_ratio_16x_to_1x: h16.zip(h1).map(|(a, b)| a / b),
+        injection_heap_mb_1x: w1,
+        injection_heap_mb_16x: w16,
         peak_rss_ratio_16x_to_1x: p16 / p1,
     })
 }

@@ -52,6 +52,11 @@ pub struct HyperConfig {
     pub pointers: bool,
     /// Tokens per chunk, `<bos> <doc> ... </doc>` included.
     pub chunk_tokens: usize,
+    /// A learned per-chunk gate on B (`2 sigmoid(w . mean latent + b)`, 1 at initialisation): lets a chunk with
+    /// nothing to teach (distractors in a long document) write nothing, instead of its small delta adding up
+    /// over tens of chunks.
+    #[serde(default)]
+    pub chunk_gate: bool,
     /// SHA-256 of the base model the hypernetwork reads and writes for.
     pub base_model: String,
     /// Filled from the base model: layers and hidden size.
@@ -73,6 +78,7 @@ impl HyperConfig {
             latent_init_std: 0.05,
             pointers: true,
             chunk_tokens: 96,
+            chunk_gate: true,
             base_model: base.hash.clone(),
             layers: c.num_hidden_layers,
             hidden: c.hidden_size,
@@ -158,6 +164,10 @@ pub struct HyperNet {
     latents: Tensor,
     blocks: Vec<Block>,
     heads: Vec<Head>,
+    /// Per-chunk gate on B (see [`HyperConfig::chunk_gate`]).
+    gate: Option<candle_nn::Linear>,
+    /// The heads' weights stacked along a target axis, for inference (see [`Stacked`]).
+    stacked: Option<Stacked>,
     /// Unit output-token directions, `vocab x hidden` (constant).
     token_dirs: Tensor,
 }
@@ -228,7 +238,14 @@ impl HyperNet {
                 point_b,
             });
         }
-        Ok(Self { cfg: cfg.clone(), in_proj, latents, blocks, heads, token_dirs })
+        let gate = if cfg.chunk_gate {
+            let w = vb.get_with_hints((1, cfg.width), "gate.weight", Init::Const(0.0))?;
+            let b = vb.get_with_hints(1, "gate.bias", Init::Const(0.0))?;
+            Some(candle_nn::Linear::new(w, Some(b)))
+        } else {
+            None
+        };
+        Ok(Self { cfg: cfg.clone(), in_proj, latents, blocks, heads, gate, stacked: None, token_dirs })
     }
 
     /// A fresh, trainable network and the variables that hold it.
@@ -254,7 +271,14 @@ impl HyperNet {
         }
         let weights = dir.join(WEIGHTS_FILE);
         let vb = load_weights(&weights, base.llama.device())?;
-        Self::new(&cfg, &base.llama, vb).with_context(|| format!("loading {}", weights.display()))
+        Self::new(&cfg, &base.llama, vb).with_context(|| format!("loading {}", weights.display()))?.for_inference()
+    }
+
+    /// Stacks the heads' weights so that one chunk's factors for every target come from a few batched products
+    /// (the same numbers as the per-target path). Weights are copied: call once training is over.
+    pub fn for_inference(mut self) -> Result<Self> {
+        self.stacked = Stacked::new(&self.heads, &self.cfg)?;
+        Ok(self)
     }
 
     /// Embeds the captured residuals of `n` chunks (`sources x [n, t, hidden]`) as Perceiver keys `n x t x w`:
@@ -296,20 +320,29 @@ impl HyperNet {
         }
         let norm = lat.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
         let lat = lat.broadcast_div(&(norm + 1e-6)?)?;
+        // n x 1 x 1, multiplies every target's B.
+        let gate = match &self.gate {
+            Some(g) => Some((candle_nn::ops::sigmoid(&g.forward(&lat.mean(1)?)?)? * 2.0)?.reshape((n, 1, 1))?),
+            None => None,
+        };
         let r = self.cfg.rank;
         // Pointers score positions against the (normalised) keys; padding is never pointed at.
         let point_keys = rms_plain(&keys)?.t()?.contiguous()?;
         let point_bias = bias.reshape((n, 1, k))?;
-        let point = |q: &Linear, h: &Tensor| -> Result<Tensor> {
-            let s = (q.forward(h)?.matmul(&point_keys)? * (1.0 / (w as f64).sqrt()))?.broadcast_add(&point_bias)?;
+        let point_scores = |query: &Tensor| -> Result<Tensor> {
+            let s = (query.matmul(&point_keys)? * (1.0 / (w as f64).sqrt()))?.broadcast_add(&point_bias)?;
             Ok(engram_model::softmax_last_dim(&s)?)
         };
+        let point = |q: &Linear, h: &Tensor| -> Result<Tensor> { point_scores(&q.forward(h)?) };
         let out_dirs = if self.heads.iter().any(|h| h.point_b.is_some()) {
             let v = self.token_dirs.index_select(&reading.ids.flatten_all()?, 0)?;
             Some(v.reshape((n, k, ()))?)
         } else {
             None
         };
+        if let (Some(st), 1) = (&self.stacked, n) {
+            return st.factors(&self.cfg, &lat, reading, &point_scores, out_dirs.as_ref(), gate.as_ref());
+        }
         let mut factors = Vec::with_capacity(self.heads.len());
         for (g, ((layer, module), head)) in self.cfg.targets().into_iter().zip(&self.heads).enumerate() {
             let h = lat.narrow(1, g * r, r)?;
@@ -324,8 +357,104 @@ impl HyperNet {
             if let (Some((q, gain)), Some(dirs)) = (&head.point_b, &out_dirs) {
                 bt = (bt + point(q, &h)?.matmul(dirs)?.broadcast_mul(gain)?)?;
             }
-            let bt = bt.broadcast_mul(&head.scale_b.reshape((1, r, 1))?)?;
+            let mut bt = bt.broadcast_mul(&head.scale_b.reshape((1, r, 1))?)?;
+            if let Some(g) = &gate {
+                bt = bt.broadcast_mul(g)?;
+            }
             factors.push(((layer, module), a, bt.transpose(1, 2)?.contiguous()?));
+        }
+        Ok(Generated { factors })
+    }
+}
+
+/// Inference copies of the heads' weights, stacked along a target axis as `1 x T x ...` (`T` targets of one module
+/// kind): one chunk's A and B for every target come from a few batched matmuls instead of a dozen small ops per
+/// target, whose fixed overhead dominated the hypernetwork's share of the injection latency.
+struct Stacked {
+    /// `1 x T x width x in` and `1 x T x width x out` (the heads' linear maps, transposed).
+    a: Tensor,
+    b: Tensor,
+    /// `1 x T x rank x 1`.
+    scale_a: Tensor,
+    scale_b: Tensor,
+    /// Pointer queries `1 x T x width x width` (transposed) and gains `1 x T x 1 x 1`.
+    point_a: Option<(Tensor, Tensor)>,
+    point_b: Option<(Tensor, Tensor)>,
+}
+
+impl Stacked {
+    /// `None` when targets mix module kinds (their shapes differ): the per-target path serves them.
+    fn new(heads: &[Head], cfg: &HyperConfig) -> Result<Option<Self>> {
+        if cfg.modules.len() != 1 || heads.is_empty() {
+            return Ok(None);
+        }
+        let r = cfg.rank;
+        let stack = |f: &dyn Fn(&Head) -> Result<Tensor>| -> Result<Tensor> {
+            let parts = heads.iter().map(f).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&parts, 0)?.unsqueeze(0)?.contiguous()?)
+        };
+        let pointer = |pick: &dyn Fn(&Head) -> Option<&(Linear, Tensor)>| -> Result<Option<(Tensor, Tensor)>> {
+            if heads.iter().any(|h| pick(h).is_none()) {
+                return Ok(None);
+            }
+            let q = stack(&|h| Ok(pick(h).expect("checked").0.weight().t()?))?;
+            let gain = stack(&|h| Ok(pick(h).expect("checked").1.reshape((1, 1))?))?;
+            Ok(Some((q, gain)))
+        };
+        Ok(Some(Self {
+            a: stack(&|h| Ok(h.a.weight().t()?))?,
+            b: stack(&|h| Ok(h.b.weight().t()?))?,
+            scale_a: stack(&|h| Ok(h.scale_a.reshape((r, 1))?))?,
+            scale_b: stack(&|h| Ok(h.scale_b.reshape((r, 1))?))?,
+            point_a: pointer(&|h| h.point_a.as_ref())?,
+            point_b: pointer(&|h| h.point_b.as_ref())?,
+        }))
+    }
+
+    /// The factors of one chunk (`lat`: `1 x T*rank x width`, normalised latents).
+    fn factors(
+        &self,
+        cfg: &HyperConfig,
+        lat: &Tensor,
+        reading: &Reading,
+        point: &dyn Fn(&Tensor) -> Result<Tensor>,
+        out_dirs: Option<&Tensor>,
+        gate: Option<&Tensor>,
+    ) -> Result<Generated> {
+        let targets = cfg.targets();
+        let (t, r, w) = (targets.len(), cfg.rank, cfg.width);
+        let h = lat.reshape((1, t, r, w))?;
+        // Scores of every target's pointer queries against the chunk's positions: `1 x T x rank x positions`.
+        let scores = |q: &Tensor| -> Result<Tensor> {
+            let s = point(&h.matmul(q)?.reshape((1, t * r, w))?)?;
+            let k = s.dim(D::Minus1)?;
+            Ok(s.reshape((1, t, r, k))?)
+        };
+        let mut a = h.matmul(&self.a)?;
+        if let Some((q, gain)) = &self.point_a {
+            let hidden = targets
+                .iter()
+                .map(|(layer, _)| reading.mlp_hidden.get(*layer).context("no MLP hidden activations captured"))
+                .collect::<Result<Vec<_>>>()?;
+            let hidden = Tensor::stack(&hidden, 1)?; // 1 x T x positions x in
+            let hidden = hidden.broadcast_div(&(hidden.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-6)?)?;
+            a = (a + scores(q)?.matmul(&hidden)?.broadcast_mul(gain)?)?;
+        }
+        let a = a.broadcast_mul(&self.scale_a)?;
+        let mut bt = h.matmul(&self.b)?;
+        if let (Some((q, gain)), Some(dirs)) = (&self.point_b, out_dirs) {
+            let s = scores(q)?;
+            let k = s.dim(D::Minus1)?;
+            let picked = s.reshape((1, t * r, k))?.matmul(dirs)?;
+            bt = (bt + picked.reshape((1, t, r, ()))?.broadcast_mul(gain)?)?;
+        }
+        let mut bt = bt.broadcast_mul(&self.scale_b)?;
+        if let Some(g) = gate {
+            bt = bt.broadcast_mul(&g.unsqueeze(0)?)?;
+        }
+        let mut factors = Vec::with_capacity(t);
+        for (i, target) in targets.into_iter().enumerate() {
+            factors.push((target, a.get_on_dim(1, i)?, bt.get_on_dim(1, i)?.transpose(1, 2)?));
         }
         Ok(Generated { factors })
     }
@@ -475,10 +604,16 @@ impl Injector for HyperInjector<'_> {
         let start = Instant::now();
         let dev = self.model.llama.device();
         let cfg = &self.net.cfg;
-        // Per target: A rows and B columns (stored as B^T rows), appended chunk by chunk.
-        let mut acc: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); cfg.targets().len()];
-        let mut rank = 0;
+        let mut acc: Vec<Accumulator> = cfg
+            .targets()
+            .into_iter()
+            .map(|(_, module)| {
+                let (i, o) = module.dims(self.model.llama.config());
+                Accumulator::new(i, o, cfg.rank)
+            })
+            .collect();
         let profile = std::env::var_os("ENGRAM_PROFILE").is_some();
+        let mut chunks = 0;
         for chunk in self.chunks(document)? {
             let t0 = Instant::now();
             let ids = Tensor::new(chunk.as_slice(), dev)?.unsqueeze(0)?;
@@ -489,30 +624,148 @@ impl Injector for HyperInjector<'_> {
             if profile {
                 eprintln!("chunk of {} tokens: capture {:?} hypernet {:?}", chunk.len(), t1 - t0, t1.elapsed());
             }
-            for ((_, a, b), (acc_a, acc_bt)) in g.factors.iter().zip(acc.iter_mut()) {
-                acc_a.extend(a.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?);
-                acc_bt.extend(b.squeeze(0)?.t()?.flatten_all()?.to_vec1::<f32>()?);
+            for ((_, a, b), acc) in g.factors.iter().zip(acc.iter_mut()) {
+                acc.append(&a.squeeze(0)?, &b.squeeze(0)?)?;
             }
-            rank += cfg.rank;
+            chunks += 1;
         }
         let mut adapters = std::collections::BTreeMap::new();
-        for ((layer, module), (a, bt)) in cfg.targets().into_iter().zip(acc) {
-            let (i, o) = module.dims(self.model.llama.config());
-            // B is `out x rank`: transpose the accumulated B^T rows.
-            let mut b = vec![0f32; o * rank];
-            for (r, row) in bt.chunks(o).enumerate() {
-                for (j, &x) in row.iter().enumerate() {
-                    b[j * rank + r] = x;
-                }
-            }
-            adapters.insert((layer, module.path().to_string()), Factors::new(rank, i, o, a, b)?);
+        for ((layer, module), acc) in cfg.targets().into_iter().zip(acc) {
+            adapters.insert((layer, module.path().to_string()), acc.into_factors()?);
         }
+        let rank = adapters.values().map(|f| f.rank).max().unwrap_or(0);
         let meta = Meta {
             base_model: self.model.hash.clone(),
             scale: cfg.scale as f32,
             injector: self.name().into(),
-            injector_version: format!("1 rank={} chunks={} width={}", cfg.rank, rank / cfg.rank, cfg.width),
+            injector_version: format!("1 rank={rank} chunks={chunks} width={}", cfg.width),
         };
         Ok(Injection { delta: Delta { meta, adapters }, steps: 0, seconds: start.elapsed().as_secs_f64() })
+    }
+}
+
+/// One target's delta, summed over a document's chunks in bounded memory: chunk factors are appended along the
+/// rank (A rows, B columns stored as B^T rows) until the rank would exceed `min(in, out)` plus a slack, then folded
+/// exactly into the dense change (`B A` as A with B the identity, or the other way round), which never needs more
+/// rank than `min(in, out)`. Buffers are sized once, so a document of any length injects in the same memory.
+struct Accumulator {
+    in_dim: usize,
+    out_dim: usize,
+    rank: usize,
+    /// `rank x in`, row-major.
+    a: Vec<f32>,
+    /// `rank x out`, row-major (B transposed).
+    bt: Vec<f32>,
+    /// Fold when appending would pass this rank.
+    limit: usize,
+}
+
+/// Chunks appended between folds past the exact rank; a fold costs one `out x rank x in` product.
+const FOLD_SLACK_CHUNKS: usize = 8;
+
+impl Accumulator {
+    fn new(in_dim: usize, out_dim: usize, chunk_rank: usize) -> Self {
+        let limit = in_dim.min(out_dim) + FOLD_SLACK_CHUNKS * chunk_rank;
+        Self {
+            in_dim,
+            out_dim,
+            rank: 0,
+            a: Vec::with_capacity(limit * in_dim),
+            bt: Vec::with_capacity(limit * out_dim),
+            limit,
+        }
+    }
+
+    /// Appends one chunk's A (`r x in`) and B (`out x r`).
+    fn append(&mut self, a: &Tensor, b: &Tensor) -> Result<()> {
+        let r = a.dim(0)?;
+        if self.rank + r > self.limit {
+            self.fold()?;
+        }
+        self.a.extend(a.flatten_all()?.to_vec1::<f32>()?);
+        self.bt.extend(b.t()?.flatten_all()?.to_vec1::<f32>()?);
+        self.rank += r;
+        Ok(())
+    }
+
+    /// Replaces the factors by the exact dense change at rank `min(in, out)`.
+    fn fold(&mut self) -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::from_slice(&self.a, (self.rank, self.in_dim), &dev)?;
+        let bt = Tensor::from_slice(&self.bt, (self.rank, self.out_dim), &dev)?;
+        let dense = bt.t()?.matmul(&a)?; // out x in
+        let exact = Factors::exact(self.in_dim, self.out_dim, dense.flatten_all()?.to_vec1::<f32>()?)?;
+        self.a.clear();
+        self.bt.clear();
+        self.a.extend_from_slice(&exact.a);
+        // B (out x rank) to B^T rows.
+        for r in 0..exact.rank {
+            self.bt.extend((0..self.out_dim).map(|o| exact.b[o * exact.rank + r]));
+        }
+        self.rank = exact.rank;
+        Ok(())
+    }
+
+    /// The summed delta; never above rank `min(in, out)`, which is what a delta may carry.
+    fn into_factors(mut self) -> Result<Factors> {
+        if self.rank > self.in_dim.min(self.out_dim) {
+            self.fold()?;
+        }
+        let (o, rank) = (self.out_dim, self.rank);
+        // B is `out x rank`: transpose the accumulated B^T rows.
+        let mut b = vec![0f32; o * rank];
+        for (r, row) in self.bt.chunks(o).enumerate() {
+            for (j, &x) in row.iter().enumerate() {
+                b[j * rank + r] = x;
+            }
+        }
+        Ok(Factors::new(rank, self.in_dim, o, self.a, b)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(f: &Factors) -> Vec<f32> {
+        let mut d = vec![0f32; f.out_dim * f.in_dim];
+        for o in 0..f.out_dim {
+            for r in 0..f.rank {
+                let b = f.b[o * f.rank + r];
+                for i in 0..f.in_dim {
+                    d[o * f.in_dim + i] += b * f.a[r * f.in_dim + i];
+                }
+            }
+        }
+        d
+    }
+
+    /// Folding keeps the sum exact and the rank (and buffers) bounded, for wide and tall weights.
+    #[test]
+    fn accumulated_chunks_fold_exactly_into_bounded_rank() -> Result<()> {
+        for (in_dim, out_dim) in [(12usize, 5usize), (5, 12)] {
+            let (r, chunks) = (2, 40);
+            let mut acc = Accumulator::new(in_dim, out_dim, r);
+            let capacity = (acc.a.capacity(), acc.bt.capacity());
+            let mut want = vec![0f32; out_dim * in_dim];
+            let mut max_rank = 0;
+            for c in 0..chunks {
+                let a = Tensor::randn(0f32, 1.0, (r, in_dim), &Device::Cpu)?;
+                let b = Tensor::randn(0f32, 1.0, (out_dim, r), &Device::Cpu)?;
+                let d = b.matmul(&a)?.flatten_all()?.to_vec1::<f32>()?;
+                want.iter_mut().zip(d).for_each(|(w, x)| *w += x);
+                acc.append(&a, &b)?;
+                max_rank = max_rank.max(acc.rank);
+                assert!(acc.rank <= acc.limit, "chunk {c}: rank {} past {}", acc.rank, acc.limit);
+            }
+            assert_eq!((acc.a.capacity(), acc.bt.capacity()), capacity, "buffers grew");
+            assert!(max_rank > in_dim.min(out_dim), "the test never folded");
+            let f = acc.into_factors()?;
+            assert_eq!(f.rank, in_dim.min(out_dim));
+            let got = dense(&f);
+            let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "{in_dim}x{out_dim}: folded sum differs by {err}");
+        }
+        Ok(())
     }
 }

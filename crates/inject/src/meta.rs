@@ -49,6 +49,17 @@ pub struct MetaConfig {
     /// distractor sentences.
     pub split_prob: f64,
     pub distractor_chunk_prob: f64,
+    /// Chance a one-person document is instead its biography hidden among distractor sentences, a document of up
+    /// to `needle_windows` context windows (tens of chunks): most chunks then have nothing to teach and must write
+    /// nothing. The teacher reads the biography alone.
+    #[serde(default)]
+    pub needle_prob: f64,
+    #[serde(default = "default_needle_windows")]
+    pub needle_windows: f64,
+    /// Start from this hypernetwork's weights (a directory with hypernet.safetensors); variables it lacks (a
+    /// gate it was trained without) keep their initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     pub schedule: Schedule,
     pub adamw: AdamWConfig,
     pub eval_every: u64,
@@ -78,6 +89,9 @@ impl MetaConfig {
             l1: 1e-3,
             split_prob: 0.2,
             distractor_chunk_prob: 0.2,
+            needle_prob: 0.0,
+            needle_windows: default_needle_windows(),
+            init_from: None,
             schedule: Schedule { peak_lr: 1e-3, warmup_steps: 100, hold_fraction: 0.0, final_fraction: 0.1 },
             adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
             eval_every: 250,
@@ -100,6 +114,26 @@ impl MetaConfig {
         c.checkpoint_every = 5;
         c
     }
+}
+
+fn default_needle_windows() -> f64 {
+    4.0
+}
+
+/// A distractor document of about `tokens` tokens with one person's biography at a random sentence position.
+pub fn needle_document(world: &World, base: &BaseModel, rng: &mut Rng, who: &Person, tokens: usize) -> Result<String> {
+    let bio = world.document(rng, std::slice::from_ref(who), false);
+    let bio = bio.trim_start_matches("<doc>").trim_end_matches("</doc>").trim().to_string();
+    let mut sentences: Vec<String> = Vec::new();
+    let mut len = base.encode(&bio)?.len() + 2;
+    while len < tokens {
+        let s = world.distractors(rng, 1);
+        len += base.encode(&s)?.len();
+        sentences.push(s);
+    }
+    let at = rng.below(sentences.len() + 1);
+    sentences.insert(at, bio);
+    Ok(format!("<doc> {} </doc>", sentences.join(" ")))
 }
 
 /// One question as a closed-book row: `<bos> Q : ... A : value <eos>`, with the answer's token span.
@@ -159,7 +193,12 @@ fn sample_step(
         let text = world.document(&mut rng, ps, true);
         let ids = base.encode(&text)?;
         let mut chunks = chunk_document(&ids, cfg.hyper.chunk_tokens, sp);
-        if chunks.len() == 1 && rng.chance(cfg.split_prob) {
+        if ps.len() == 1 && cfg.needle_prob > 0.0 && rng.chance(cfg.needle_prob) {
+            let window = base.llama.config().max_position_embeddings as f64;
+            let tokens = (window * (0.5 + rng.unit() * (cfg.needle_windows - 0.5).max(0.0))) as usize;
+            let long = needle_document(world, base, &mut rng, &ps[0], tokens)?;
+            chunks = chunk_document(&base.encode(&long)?, cfg.hyper.chunk_tokens, sp);
+        } else if chunks.len() == 1 && rng.chance(cfg.split_prob) {
             let body = &chunks[0][2..chunks[0].len() - 1];
             let ends: Vec<usize> =
                 body.iter().enumerate().filter(|(_, &t)| t == sp.period).map(|(j, _)| j + 1).collect();
@@ -389,11 +428,71 @@ pub struct MetaEval {
     /// Another held-out person's question answered with this document's person's value (chance is small).
     pub leak: f64,
     pub by_attribute: std::collections::BTreeMap<String, f64>,
+    /// Closed-book accuracy after injecting a biography hidden in a distractor document of 4 context windows
+    /// (runs that train on such documents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needle_4x: Option<f64>,
+}
+
+/// Whether each row's answer is the greedy closed-book answer with its document's delta (teacher-forced: every
+/// answer token the arg-max); a row whose answer starts with padding never hits.
+fn row_hits(
+    net: &HyperNet,
+    base: &BaseModel,
+    sp: &Specials,
+    docs: &[Vec<Vec<u32>>],
+    rows: &[Row],
+) -> Result<Vec<bool>> {
+    let factors = doc_factors(net, base, sp, docs)?;
+    let refs: Vec<&Row> = rows.iter().collect();
+    let lora = row_lora(&factors, &refs, net.cfg.scale)?;
+    let (ids, at, targets) = row_batch(&refs, sp.pad, base.llama.device())?;
+    let pred = answer_logp(base, &ids, &at, Some(&lora), false)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let mut k = 0;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let len = r.ids.len() - r.answer_at;
+            let hit = (k..k + len).all(|x| pred[x] == targets[x]) && targets[k] != sp.pad;
+            k += len;
+            hit
+        })
+        .collect())
+}
+
+/// Closed-book accuracy on `items` held-out people, each hidden in a distractor document of `windows` context
+/// windows (a few documents per batch: each is tens of chunks).
+pub fn needle_eval(
+    net: &HyperNet,
+    base: &BaseModel,
+    world: &World,
+    seed: u64,
+    items: usize,
+    windows: usize,
+) -> Result<f64> {
+    let sp = Specials::of(base)?;
+    let mut rng = Rng::derive(seed, 0x4EED);
+    let tokens = windows * base.llama.config().max_position_embeddings;
+    let mut hits = 0usize;
+    let mut done = 0;
+    while done < items {
+        let n = 4.min(items - done);
+        let (mut docs, mut rows) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let p = rng.pick(world.fresh()).clone();
+            let text = needle_document(world, base, &mut rng, &p, tokens)?;
+            docs.push(chunk_document(&base.encode(&text)?, net.cfg.chunk_tokens, &sp));
+            let (_, q, a) = world.question_for(&mut rng, &p, Phrasing::Trained);
+            rows.push(row(base, &q, &a, i)?);
+        }
+        hits += row_hits(net, base, &sp, &docs, &rows)?.into_iter().filter(|&h| h).count();
+        done += n;
+    }
+    Ok(hits as f64 / items.max(1) as f64)
 }
 
 pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, items: usize) -> Result<MetaEval> {
     let sp = Specials::of(base)?;
-    let dev = base.llama.device();
     let mut rng = Rng::derive(seed, 0xE7A1);
     let fresh = world.fresh();
     let (mut single, mut heldout, mut kept, mut leak) = (0usize, 0usize, 0usize, 0usize);
@@ -424,16 +523,7 @@ pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, it
             let differs = other.value(a) != p.value(a);
             rows.push(row(base, &q, if differs { &wrong } else { "<pad> <pad>" }, i)?);
         }
-        let factors = doc_factors(net, base, &sp, &docs)?;
-        let refs: Vec<&Row> = rows.iter().collect();
-        let lora = row_lora(&factors, &refs, net.cfg.scale)?;
-        let (ids, at, targets) = row_batch(&refs, sp.pad, dev)?;
-        let pred = answer_logp(base, &ids, &at, Some(&lora), false)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let mut k = 0;
-        for (j, r) in rows.iter().enumerate() {
-            let len = r.ids.len() - r.answer_at;
-            let hit = (k..k + len).all(|x| pred[x] == targets[x]) && targets[k] != sp.pad;
-            k += len;
+        for (j, hit) in row_hits(net, base, &sp, &docs, &rows)?.into_iter().enumerate() {
             let doc = j / 4;
             match j % 4 {
                 0 => {
@@ -457,6 +547,7 @@ pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, it
         known_kept: f(kept),
         leak: f(leak),
         by_attribute: by_attr.into_iter().map(|(k, (h, n))| (k, h as f64 / n.max(1) as f64)).collect(),
+        needle_4x: None,
     })
 }
 
@@ -509,6 +600,9 @@ pub fn train_hypernet(
         eprintln!("resuming from step {step} ({elapsed_before:.0} s)");
     } else {
         let _ = std::fs::remove_file(out.join(LOG_FILE));
+        if let Some(dir) = &cfg.init_from {
+            init_from(&varmap, dir)?;
+        }
     }
     eprintln!(
         "meta-training hypernetwork: {parameters} parameters, width {} blocks {} rank {} on {:?}, {} steps of {} documents",
@@ -543,8 +637,15 @@ pub fn train_hypernet(
         bar.set_message(format!("loss {:.3} nll {:.3} lr {lr:.1e}", vals[0], vals[1]));
         let eval_now = step % cfg.eval_every == 0 || step == cfg.steps;
         if step % 25 == 0 || eval_now {
-            let eval =
-                if eval_now { Some(quick_eval(&net, base, &world, cfg.seed ^ step, cfg.eval_items)?) } else { None };
+            let eval = if eval_now {
+                let mut e = quick_eval(&net, base, &world, cfg.seed ^ step, cfg.eval_items)?;
+                if cfg.needle_prob > 0.0 {
+                    e.needle_4x = Some(needle_eval(&net, base, &world, cfg.seed ^ step, cfg.eval_items / 4, 4)?);
+                }
+                Some(e)
+            } else {
+                None
+            };
             let m = |i: usize| window[i] / seen.max(1) as f64;
             let line = MetaLogLine {
                 step,
@@ -568,6 +669,9 @@ pub fn train_hypernet(
                     "\n  eval: single {:.2} heldout {:.2} known_kept {:.2} leak {:.2} {:?}",
                     e.closed_book_single, e.closed_book_heldout, e.known_kept, e.leak, e.by_attribute
                 );
+                if let Some(x) = e.needle_4x {
+                    text += &format!(" needle_4x {x:.2}");
+                }
             }
             bar.suspend(|| eprintln!("{text}"));
         }
@@ -587,11 +691,35 @@ pub fn train_hypernet(
     varmap.save(out.join(WEIGHTS_FILE))?;
     std::fs::write(out.join(CONFIG_FILE), serde_json::to_string_pretty(&cfg.hyper)? + "\n")?;
     eprintln!("final evaluation (200 held-out fresh people)");
-    let final_eval = quick_eval(&net, base, &world, engram_eval::DEFAULT_SEED, 200)?;
+    let mut final_eval = quick_eval(&net, base, &world, engram_eval::DEFAULT_SEED, 200)?;
+    if cfg.needle_prob > 0.0 {
+        final_eval.needle_4x = Some(needle_eval(&net, base, &world, engram_eval::DEFAULT_SEED, 50, 4)?);
+    }
     let summary = MetaSummary { config: cfg.clone(), parameters, steps: step, wall_s, final_eval, out: out.into() };
     std::fs::write(out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
     std::fs::write(out.join("MODEL_CARD.md"), model_card(&summary))?;
     Ok(Some(summary))
+}
+
+/// Copies every variable `dir`'s weights hold (same name and shape) into `varmap`; names the ones left new.
+fn init_from(varmap: &candle_nn::VarMap, dir: &Path) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    let saved =
+        candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+    let vars = varmap.data().lock().expect("varmap lock");
+    let mut fresh = Vec::new();
+    for (name, var) in vars.iter() {
+        match saved.get(name) {
+            Some(t) if t.dims() == var.dims() => var.set(&t.to_device(var.device())?)?,
+            Some(t) => {
+                bail!("{}: {name} is {:?} in {} but {:?} here", dir.display(), t.dims(), path.display(), var.dims())
+            }
+            None => fresh.push(name.clone()),
+        }
+    }
+    fresh.sort();
+    eprintln!("initialised from {}: {} variables loaded, new: {fresh:?}", dir.display(), vars.len() - fresh.len());
+    Ok(())
 }
 
 fn save_checkpoint(varmap: &candle_nn::VarMap, opt: &AdamW, dir: &Path, state: &CheckpointState) -> Result<()> {
@@ -618,10 +746,12 @@ fn model_card(s: &MetaSummary) -> String {
          - parameters: {params}\n- width {w}, {heads} heads, {blocks} cross-attention blocks, MLP {mlp}, \
          pointers {vw}, chunk {chunk} tokens, scale {scale}\n\
          - {steps} steps of {docs} documents (1-4 reading-split people with distractors), {wall:.0} s on CPU\n\
-         - loss weights: answer {aw}, distill {dw}, keep {kw} (negatives from {nf:.0}% of the run), L1 {l1}\n\n\
+         - loss weights: answer {aw}, distill {dw}, keep {kw} (negatives from {nf:.0}% of the run), L1 {l1}\n\
+         - long documents: {needle:.0}% of one-person documents hidden among distractors (up to {nw} context windows); \
+         chunk gate {gate}{init}\n\n\
          ## Held-out evaluation (200 `fresh` people, one-person documents, closed book)\n\n\
          - closed_book_single {single:.3} ({attrs})\n- closed_book_heldout phrasing {held:.3}\n\
-         - known_kept {kept:.3} (a known person's question with the delta applied)\n- leak {leak:.3}\n\n\
+         - known_kept {kept:.3} (a known person's question with the delta applied)\n- leak {leak:.3}{needle4}\n\n\
          `engram eval inject` gives the full comparison with distillation, in-context reading and latency.\n",
         rank = c.hyper.rank,
         mods = c.hyper.modules,
@@ -642,10 +772,17 @@ fn model_card(s: &MetaSummary) -> String {
         kw = c.keep_weight,
         nf = c.negatives_from * 100.0,
         l1 = c.l1,
+        needle = c.needle_prob * 100.0,
+        nw = c.needle_windows,
+        gate = c.hyper.chunk_gate,
+        init =
+            c.init_from.as_ref().map(|d| format!("; started from the weights in {}", d.display())).unwrap_or_default(),
         single = e.closed_book_single,
         attrs = attrs.join(", "),
         held = e.closed_book_heldout,
         kept = e.known_kept,
         leak = e.leak,
+        needle4 =
+            e.needle_4x.map(|x| format!("\n- needle at 4 context windows {x:.3} (50 people)")).unwrap_or_default(),
     )
 }

@@ -40,8 +40,12 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
     let expected: Vec<u32> = ids.iter().copied().filter(|&t| t != sp.doc && t != sp.end_doc).collect();
     assert_eq!(body, expected);
 
-    // Gradients reach every weight once B's scaler has moved off zero (at step 0 only it can move).
-    let cfg = MetaConfig::tiny(&base, 7, 10);
+    // Gradients reach every weight once B's scaler has moved off zero (at step 0 only it can move). Some
+    // documents are long needle documents, so their path (and the chunk gate) trains too.
+    let mut cfg = MetaConfig::tiny(&base, 7, 10);
+    cfg.needle_prob = 0.3;
+    cfg.needle_windows = 2.0;
+    assert!(cfg.hyper.chunk_gate);
     let (net, _) = HyperNet::init_trainable(&cfg.hyper, &base.llama, &Device::Cpu).unwrap();
     let untrained = HyperInjector::from_net(net, &base).unwrap();
     let zero = untrained.inject(&doc).unwrap().delta;
@@ -74,12 +78,31 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 
-    // The saved network injects: one rank-r block per chunk, a delta that validates against the base model.
+    let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("needle at 4 context windows"), "{card}");
+
+    // A run can start from a trained network's weights: with no steps it saves them unchanged.
+    let mut again = cfg.clone();
+    again.steps = 0;
+    again.init_from = Some(out.clone());
+    let copy = tmp.path().join("copy");
+    train_hypernet(&base, &again, &copy, false, None).unwrap().unwrap();
+    let load =
+        |d: &std::path::Path| candle_core::safetensors::load(d.join("hypernet.safetensors"), &Device::Cpu).unwrap();
+    let (src, dst) = (load(&out), load(&copy));
+    assert_eq!(src.len(), dst.len());
+    for (name, t) in &src {
+        let diff = (t - &dst[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} differs");
+    }
+
+    // The saved network injects: one rank-r block per chunk (up to the weight's smaller side, where the sum is
+    // folded exactly), a delta that validates against the base model.
     let inj = HyperInjector::load(&out, &base).unwrap();
     let n_chunks = inj.chunks(&doc).unwrap().len();
     let got = inj.inject(&doc).unwrap();
     let f = got.delta.adapters.values().next().unwrap();
-    assert_eq!(f.rank, n_chunks * cfg.hyper.rank);
+    assert_eq!(f.rank, (n_chunks * cfg.hyper.rank).min(f.in_dim.min(f.out_dim)));
     assert!(f.b.iter().any(|&x| x != 0.0));
     let shape = |m: &str| engram_model::Module::from_path(m).map(|m| m.dims(base.llama.config()));
     got.delta.validate(&base.hash, base.llama.config().num_hidden_layers, shape, 64 * 8, 1e4).unwrap();
@@ -107,4 +130,36 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
     assert_eq!(n.lengths.iter().map(|l| l.windows).collect::<Vec<_>>(), [1, 2, 4]);
     assert!(n.lengths[2].chunks_mean > n.lengths[0].chunks_mean, "{n:?}");
     assert!(n.peak_rss_mb_16x > 0.0);
+}
+
+/// The stacked inference path gives the per-target path's factors.
+#[test]
+fn stacked_heads_match_the_per_target_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_base(&tmp.path().join("base"));
+    let cfg = MetaConfig::tiny(&base, 7, 10);
+    let (per_target, varmap) = HyperNet::init_trainable(&cfg.hyper, &base.llama, &Device::Cpu).unwrap();
+    // Random values everywhere (B's scaler starts at zero, which would hide B).
+    for var in varmap.all_vars() {
+        var.set(&var.randn_like(0.0, 0.5).unwrap()).unwrap();
+    }
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    let stacked = HyperNet::new(&cfg.hyper, &base.llama, vb).unwrap().for_inference().unwrap();
+    let world = World::new();
+    let people = world.draw_people(&mut Rng::new(1), engram_world::Split::Fresh, 1);
+    let ids = base.encode(&world.document(&mut Rng::new(2), &people, true)).unwrap();
+    let ids = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let reading = engram_inject::hyper::capture(&base.llama, &ids).unwrap();
+    let mask = candle_core::Tensor::ones(ids.dims(), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let (x, y) = (per_target.forward(&reading, &mask).unwrap(), stacked.forward(&reading, &mask).unwrap());
+    assert_eq!(x.factors.len(), y.factors.len());
+    for ((tx, ax, bx), (ty, ay, by)) in x.factors.iter().zip(&y.factors) {
+        assert_eq!(tx, ty);
+        assert_eq!((ax.dims(), bx.dims()), (ay.dims(), by.dims()));
+        for (p, q) in [(ax, ay), (bx, by)] {
+            let scale = p.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0 && diff <= 1e-5 * scale.max(1.0), "{tx:?}: differs by {diff} (scale {scale})");
+        }
+    }
 }
