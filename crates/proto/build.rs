@@ -4,7 +4,9 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!: a build-script binary reused from a checkout elsewhere (another
+    // worktree sharing the target directory) must still find this checkout's protos.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
     let fds = protox::compile([root.join("engram/v1/engram.proto")], [&root])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
