@@ -53,6 +53,13 @@ fn transient(s: &tonic::Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::ResourceExhausted | Code::Unknown)
 }
 
+/// The connection broke under a call (the server died or closed it): tonic reports `Cancelled` with the transport
+/// error as its source. Whether the server acted on the call is unknown, so only reads may repeat it.
+fn connection_lost(s: &tonic::Status) -> bool {
+    s.code() == Code::Cancelled
+        && std::error::Error::source(s).is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
+}
+
 /// A client of the coordinator (or of several: the one that leads answers, the others redirect by refusing).
 #[derive(Clone)]
 pub struct Client {
@@ -295,7 +302,9 @@ impl Replicas {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
             match self.clients[i].clone().generate(r.clone()).await {
                 Ok(a) => return Ok(a.into_inner()),
-                Err(s) if transient(&s) => last = Some(s),
+                // A replica that dies mid-request surfaces as `Cancelled` from the transport; generation is a read,
+                // so the next replica may answer it.
+                Err(s) if transient(&s) || connection_lost(&s) => last = Some(s),
                 Err(s) => return Err(s),
             }
         }
