@@ -53,6 +53,7 @@ fn shipped_hypernetwork_reproduces_its_card_and_teaches_fresh_people() {
         ("closed_book_single", got.closed_book_single),
         ("closed_book_heldout", got.closed_book_heldout),
         ("known_kept", got.known_kept),
+        ("namesakes_kept", got.namesakes_kept.expect("some evaluation people have known namesakes")),
     ] {
         let recorded = training["final_eval"][field].as_f64().unwrap();
         assert!((value - recorded).abs() <= 0.015, "{field}: recorded {recorded}, measured {value}");

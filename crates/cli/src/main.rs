@@ -363,6 +363,21 @@ enum BenchCommand {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// The hypernetwork's injection latency against one prefill of the same document (the floor: the document
+    /// must be read once), over one-person fresh documents, each injection timed right after its prefill; the time
+    /// split into capture (the frozen model reading), hypernetwork and the rest.
+    Inject {
+        #[command(flatten)]
+        args: ModelArgs,
+        #[command(flatten)]
+        hyper: HypernetArgs,
+        /// One-person documents per round.
+        #[arg(long, default_value_t = 200)]
+        documents: usize,
+        /// Passes over the documents (the ratio is reported per round and over all).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Forward-pass tokens/s of Engram's decoder against candle-transformers' Llama on the same weights.
     Forward {
         #[command(flatten)]
@@ -399,6 +414,7 @@ enum BenchCommand {
 }
 
 fn main() -> Result<()> {
+    engram_model::pin_thread_count();
     match Cli::parse().command {
         Command::World(WorldCommand::Sample { seed, count }) => world_sample(seed, count),
         Command::Train(TrainCommand::Base { seed, steps, out, resume, tiny, stop_after, rows, row_len, config }) => {
@@ -603,6 +619,24 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 print!("{}", r.table());
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Inject { args, hyper, documents, rounds }) => {
+            let base = load(&args.model)?;
+            let inj = engram_inject::HyperInjector::load(&hyper.hypernet, &base)?;
+            let r = engram_inject::evaluate::bench_inject(&base, &inj, args.seed, documents, rounds, |m| {
+                eprintln!("{m}")
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "injection vs prefill, {} documents ({:.0} tokens) x {} rounds\n  prefill p50   {:>7.2} ms ({:.2} on the injection's thread)\n  injection p50 {:>7.2} ms (p95 {:.2}): capture {:.2}, hypernetwork {:.2}, other {:.2}\n  ratio {:.3} over the faster prefill (per round {})",
+                    r.documents, r.tokens_mean, r.rounds, r.prefill_ms_p50, r.prefill_injection_thread_ms_p50, r.latency_ms_p50, r.latency_ms_p95,
+                    r.capture_ms_p50, r.hypernet_ms_p50, r.other_ms_p50, r.ratio,
+                    r.ratio_per_round.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ")
+                );
             }
             Ok(())
         }

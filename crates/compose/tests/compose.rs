@@ -64,7 +64,9 @@ fn the_gate_rejects_a_damaging_candidate_and_passes_a_composed_one() {
     assert!(!verdict.passed, "five summed hypernetwork deltas passed the gate: {verdict:?}");
     assert_eq!(verdict.metrics()["passed"], 0.0);
     assert!(verdict.metrics().contains_key("known_facts.drop_points"));
-    assert!(verdict.worst.1 > 10.0, "{verdict:?}");
+    // Far past the 2-point threshold, not a borderline call (stage 3 of the shipped hypernetwork, trained to keep
+    // known namesakes and skills, brought this from over 10 points to 10).
+    assert!(verdict.worst.1 > 2.0 * GateConfig::default().max_drop_points, "{verdict:?}");
 
     let mut memit = Memit::new(&base.llama, &base.tokenizer, MemitConfig::default()).unwrap();
     let composed = memit.compose(&base.llama, &docs[0], deltas[0].clone()).unwrap();

@@ -76,8 +76,10 @@ pub struct InjectReport {
     pub in_context_single: f64,
     pub in_context_multi: f64,
     pub in_context_heldout: f64,
-    /// One forward of the base model over the same single-person documents.
+    /// One forward of the base model over the same single-person documents, on the process's thread pool and on
+    /// the injection's own thread (injections run single-threaded); the ratio uses the faster.
     pub prefill_ms_p50: f64,
+    pub prefill_injection_thread_ms_p50: f64,
     pub hypernet: InjectorReport,
     pub distill: InjectorReport,
     pub latency_ratio_hypernet_to_prefill: f64,
@@ -94,11 +96,17 @@ pub struct InjectReport {
     pub canary_drop: f64,
     pub canary_deltas: usize,
     pub canary: std::collections::BTreeMap<String, f64>,
+    /// Every trained-phrasing question about the known people who share a first or last name with a canary
+    /// delta's person, answered with that delta applied (the base model answers all of them): where one delta's
+    /// damage to known facts concentrates.
+    pub namesakes_kept: f64,
+    pub namesake_probes: usize,
     pub seconds: f64,
 }
 
 /// A document and the closed-book probes about it, plus the same probes with the document in context.
 struct Item {
+    people: Vec<Person>,
     doc: String,
     closed: Vec<Probe>,
     heldout: Vec<Probe>,
@@ -111,7 +119,7 @@ fn items(world: &World, rng: &mut Rng, n: usize, people: usize) -> Vec<Item> {
             let doc = world.document(rng, &ps, false);
             let closed = ps.iter().map(|p| world.closed_book_probe_for(rng, p, Phrasing::Trained)).collect();
             let heldout = ps.iter().map(|p| world.closed_book_probe_for(rng, p, Phrasing::Heldout)).collect();
-            Item { doc, closed, heldout }
+            Item { people: ps, doc, closed, heldout }
         })
         .collect()
 }
@@ -143,7 +151,7 @@ fn run_injector(
     inj: &dyn Injector,
     single: &[Item],
     multi: &[Item],
-    mut prefill_ms: Option<&mut Vec<f64>>,
+    mut prefill_ms: Option<(&HyperInjector, &mut Vec<f64>, &mut Vec<f64>)>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Run> {
     let (l, t) = (&base.llama, &base.tokenizer);
@@ -161,11 +169,15 @@ fn run_injector(
     for (i, item) in single.iter().chain(multi).enumerate() {
         // The prefill the latency is compared with runs on the same document right before the injection, so
         // both see the same machine load.
-        if let (Some(prefill), true) = (prefill_ms.as_deref_mut(), i < single.len()) {
+        if let (Some((hyper, pool, own)), true) = (prefill_ms.as_mut(), i < single.len()) {
             let ids = Tensor::new(base.encode(&format!("<bos> {}", item.doc))?.as_slice(), l.device())?.unsqueeze(0)?;
-            let s = Instant::now();
-            l.forward(&ids, &Positions::From(0), &ForwardOptions::inference())?;
-            prefill.push(s.elapsed().as_secs_f64() * 1e3);
+            let timed = || -> Result<f64> {
+                let s = Instant::now();
+                l.forward(&ids, &Positions::From(0), &ForwardOptions::inference())?;
+                Ok(s.elapsed().as_secs_f64() * 1e3)
+            };
+            pool.push(timed()?);
+            own.push(hyper.on_injection_thread(timed)?);
         }
         let start = Instant::now();
         let delta = inj.inject(&item.doc)?.delta;
@@ -250,9 +262,10 @@ pub fn evaluate_inject(
 
     // A warm-up injection so one-time allocation is not charged to the first document.
     hyper.inject(&single[0].doc)?;
-    let mut prefill = Vec::new();
-    let h = run_injector(base, hyper, &single, &multi, Some(&mut prefill), &mut progress)?;
+    let (mut prefill, mut prefill_own) = (Vec::new(), Vec::new());
+    let h = run_injector(base, hyper, &single, &multi, Some((hyper, &mut prefill, &mut prefill_own)), &mut progress)?;
     let prefill_ms_p50 = percentile(&prefill, 0.5);
+    let prefill_injection_thread_ms_p50 = percentile(&prefill_own, 0.5);
     let distiller = DistillInjector::new(base, cfg.distill.clone());
     let n_single = cfg.distill_docs.unwrap_or(single.len()).min(single.len());
     let n_multi = cfg.distill_docs.map_or(multi.len(), |n| n.div_ceil(4)).min(multi.len());
@@ -315,6 +328,16 @@ pub fn evaluate_inject(
             canary_drop = canary_drop.max((before - after) * 100.0);
         }
     }
+    let mut kept = Vec::new();
+    for (item, lora) in single.iter().zip(&deltas) {
+        let probes: Vec<Probe> = crate::meta::known_namesakes(&world, &item.people)
+            .into_iter()
+            .flat_map(|k| world.closed_book_probes_all(k))
+            .collect();
+        let before = score(l, t, None, &probes)?;
+        let after = score(l, t, Some(lora), &probes)?;
+        kept.extend(before.iter().zip(&after).filter(|(b, _)| **b).map(|(_, a)| *a));
+    }
     progress("canaries done");
 
     Ok(InjectReport {
@@ -329,7 +352,9 @@ pub fn evaluate_inject(
         in_context_multi,
         in_context_heldout,
         prefill_ms_p50,
-        latency_ratio_hypernet_to_prefill: hypernet.latency_ms_p50 / prefill_ms_p50,
+        prefill_injection_thread_ms_p50,
+        latency_ratio_hypernet_to_prefill: hypernet.latency_ms_p50
+            / prefill_ms_p50.min(prefill_injection_thread_ms_p50),
         hypernet,
         distill,
         match_docs: subset.len(),
@@ -340,6 +365,8 @@ pub fn evaluate_inject(
         canary_drop,
         canary_deltas: cfg.canary_deltas,
         canary,
+        namesakes_kept: mean(&kept),
+        namesake_probes: kept.len(),
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -433,5 +460,100 @@ pub fn evaluate_needle(
         injection_heap_mb_1x: w1,
         injection_heap_mb_16x: w16,
         peak_rss_ratio_16x_to_1x: p16 / p1,
+    })
+}
+
+/// `engram bench inject`: the hypernetwork's injection latency against one prefill of the same document, and
+/// where the injection's time goes.
+#[derive(Debug, Clone, Serialize)]
+pub struct InjectBench {
+    pub seed: u64,
+    pub documents: usize,
+    pub rounds: usize,
+    pub tokens_mean: f64,
+    /// A prefill on the process's thread pool (what `eval inject` compares with).
+    pub prefill_ms_p50: f64,
+    /// The same prefill on the injection's own thread (injections run single-threaded).
+    pub prefill_injection_thread_ms_p50: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    /// Injection p50 over the faster of the two prefill p50s. The goal: <= 1.5 (the floor is 1.0: the
+    /// document must be read once).
+    pub ratio: f64,
+    /// The ratio per round, to show how much it moves on a shared machine.
+    pub ratio_per_round: Vec<f64>,
+    pub capture_ms_p50: f64,
+    pub hypernet_ms_p50: f64,
+    pub other_ms_p50: f64,
+}
+
+/// Times `rounds` passes over `documents` one-person fresh documents (the ones `eval inject` draws with the same
+/// seed); each injection runs right after a bare prefill of the same document, so both see the same load.
+pub fn bench_inject(
+    base: &BaseModel,
+    hyper: &HyperInjector,
+    seed: u64,
+    documents: usize,
+    rounds: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<InjectBench> {
+    let world = World::new();
+    let l = &base.llama;
+    let mut rng = Rng::derive(seed, 0x1A7E);
+    let docs: Vec<String> = items(&world, &mut rng, documents, 1).into_iter().map(|i| i.doc).collect();
+    anyhow::ensure!(!docs.is_empty(), "--documents must be at least 1");
+    let encoded = docs
+        .iter()
+        .map(|d| Ok(Tensor::new(base.encode(&format!("<bos> {d}"))?.as_slice(), l.device())?.unsqueeze(0)?))
+        .collect::<Result<Vec<_>>>()?;
+    let tokens_mean = encoded.iter().map(|t| t.dim(1).unwrap_or(0)).sum::<usize>() as f64 / docs.len() as f64;
+    // Warm-up: one-time allocations are not charged to the first document.
+    for (doc, ids) in docs.iter().zip(&encoded).take(3) {
+        l.forward(ids, &Positions::From(0), &ForwardOptions::inference())?;
+        hyper.inject(doc)?;
+    }
+    let (mut prefill, mut prefill_1, mut total) = (vec![], vec![], vec![]);
+    let (mut capture, mut net, mut other) = (vec![], vec![], vec![]);
+    let mut ratio_per_round = Vec::new();
+    let timed_prefill = |ids: &Tensor| -> Result<f64> {
+        let s = Instant::now();
+        l.forward(ids, &Positions::From(0), &ForwardOptions::inference())?;
+        Ok(s.elapsed().as_secs_f64() * 1e3)
+    };
+    for round in 0..rounds {
+        let (mut p, mut p1, mut t) = (vec![], vec![], vec![]);
+        for (doc, ids) in docs.iter().zip(&encoded) {
+            p.push(timed_prefill(ids)?);
+            p1.push(hyper.on_injection_thread(|| timed_prefill(ids))?);
+            let s = Instant::now();
+            let (_, times) = hyper.inject_timed(doc)?;
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+            capture.push(times.capture_ms);
+            net.push(times.hypernet_ms);
+            other.push(times.other_ms);
+        }
+        ratio_per_round.push(percentile(&t, 0.5) / percentile(&p, 0.5).min(percentile(&p1, 0.5)));
+        progress(&format!("round {}/{rounds}: ratio {:.3}", round + 1, ratio_per_round[round]));
+        prefill.extend(p);
+        prefill_1.extend(p1);
+        total.extend(t);
+    }
+    let prefill_ms_p50 = percentile(&prefill, 0.5);
+    let prefill_injection_thread_ms_p50 = percentile(&prefill_1, 0.5);
+    let latency_ms_p50 = percentile(&total, 0.5);
+    Ok(InjectBench {
+        seed,
+        documents: docs.len(),
+        rounds,
+        tokens_mean,
+        prefill_ms_p50,
+        prefill_injection_thread_ms_p50,
+        latency_ms_p50,
+        latency_ms_p95: percentile(&total, 0.95),
+        ratio: latency_ms_p50 / prefill_ms_p50.min(prefill_injection_thread_ms_p50),
+        ratio_per_round,
+        capture_ms_p50: percentile(&capture, 0.5),
+        hypernet_ms_p50: percentile(&net, 0.5),
+        other_ms_p50: percentile(&other, 0.5),
     })
 }

@@ -14,7 +14,7 @@ pub mod evaluate;
 pub mod hyper;
 pub mod meta;
 
-pub use hyper::{HyperConfig, HyperInjector, HyperNet};
+pub use hyper::{HyperConfig, HyperInjector, HyperNet, InjectionTimes};
 pub use meta::{train_hypernet, MetaConfig};
 
 use std::time::Instant;

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use engram_model::{BaseModel, ForwardOptions, Kernels, LoraAdapter, LoraSet, Module, Positions};
 use engram_trainer::optim::AdamW;
 use engram_trainer::{AdamWConfig, Schedule};
-use engram_world::{Attribute, Person, Phrasing, Rng, Split, World};
+use engram_world::{Attribute, Person, Phrasing, Rng, SkillTask, Split, World};
 use serde::{Deserialize, Serialize};
 
 use crate::hyper::{capture, chunk_document, pad_batch, HyperConfig, HyperNet, Specials, CONFIG_FILE, WEIGHTS_FILE};
@@ -39,6 +39,13 @@ pub struct MetaConfig {
     /// Keep questions per document: about known people from the start, about other documents' people from
     /// `negatives_from` (a fraction of the run) on. Specificity pressure from step 0 stalls learning.
     pub keep_known: usize,
+    /// Keep questions per document about known people who share a first or last name with someone in the
+    /// document: every known fact one delta broke was such a namesake's (29 of 29 flips over 12 deltas).
+    #[serde(default)]
+    pub keep_namesakes: usize,
+    /// Keep rows per document of skill tasks (addition, copying), which a delta must leave alone.
+    #[serde(default)]
+    pub keep_skills: usize,
     pub negatives: usize,
     pub negatives_from: f64,
     pub answer_weight: f64,
@@ -77,6 +84,8 @@ impl MetaConfig {
             doc_people: [0.4, 0.2, 0.2, 0.2],
             questions_per_doc: 4,
             keep_known: 1,
+            keep_namesakes: 0,
+            keep_skills: 0,
             negatives: 1,
             negatives_from: 0.3,
             // The teacher is confidently wrong where the base model cannot read in context (every year question gets
@@ -172,6 +181,15 @@ fn pick_people_count(rng: &mut Rng, weights: &[f64; 4]) -> usize {
     1
 }
 
+/// Known people sharing a first or last name with one of `people` (and not one of them).
+pub(crate) fn known_namesakes<'w>(world: &'w World, people: &[Person]) -> Vec<&'w Person> {
+    world
+        .known()
+        .iter()
+        .filter(|k| people.iter().any(|p| (p.first == k.first || p.last == k.last) && p.name() != k.name()))
+        .collect()
+}
+
 /// Builds one step's documents and rows (own rows first, then keep rows).
 fn sample_step(
     base: &BaseModel,
@@ -231,6 +249,17 @@ fn sample_step(
             let who = rng.pick(world.known()).clone();
             let (_, q, a) = world.question_for(&mut rng, &who, Phrasing::Trained);
             keep.push(row(base, &q, &a, i)?);
+        }
+        let namesakes = known_namesakes(world, ps);
+        for _ in 0..cfg.keep_namesakes.min(namesakes.len()) {
+            let who = (*rng.pick(&namesakes)).clone();
+            let (_, q, a) = world.question_for(&mut rng, &who, Phrasing::Trained);
+            keep.push(row(base, &q, &a, i)?);
+        }
+        for _ in 0..cfg.keep_skills {
+            let task = if rng.chance(0.5) { SkillTask::Addition } else { SkillTask::Copy };
+            let p = world.skill_probe(&mut rng, task);
+            keep.push(row(base, p.prompt.trim_start_matches("<bos>").trim_start(), &p.answer, i)?);
         }
         for _ in 0..negatives {
             let j = (i + 1 + rng.below(people.len() - 1)) % people.len();
@@ -427,6 +456,10 @@ pub struct MetaEval {
     pub known_kept: f64,
     /// Another held-out person's question answered with this document's person's value (chance is small).
     pub leak: f64,
+    /// A known namesake's question (sharing a first or last name with the document's person) with the delta
+    /// applied, over the documents whose person has one: the hard case for `known_kept`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namesakes_kept: Option<f64>,
     pub by_attribute: std::collections::BTreeMap<String, f64>,
     /// Closed-book accuracy after injecting a biography hidden in a distractor document of 4 context windows
     /// (runs that train on such documents).
@@ -496,6 +529,7 @@ pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, it
     let mut rng = Rng::derive(seed, 0xE7A1);
     let fresh = world.fresh();
     let (mut single, mut heldout, mut kept, mut leak) = (0usize, 0usize, 0usize, 0usize);
+    let (mut namesakes, mut with_namesake) = (0usize, 0usize);
     let mut by_attr = std::collections::BTreeMap::<String, (usize, usize)>::new();
     let batch = 24;
     let mut done = 0;
@@ -522,10 +556,21 @@ pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, it
             let wrong = format!("{} <eos>", p.value(a));
             let differs = other.value(a) != p.value(a);
             rows.push(row(base, &q, if differs { &wrong } else { "<pad> <pad>" }, i)?);
+            // Chosen without the rng, so the rows above stay those of earlier runs of the same seed.
+            let names = known_namesakes(world, std::slice::from_ref(p));
+            match names.get((done + i) % names.len().max(1)) {
+                Some(k) => {
+                    let a = Attribute::ALL[(done + i) % Attribute::ALL.len()];
+                    let q = format!("Q : {} A :", engram_world::text::question(a, 0, &k.name()));
+                    rows.push(row(base, &q, &format!("{} <eos>", k.value(a)), i)?);
+                    with_namesake += 1;
+                }
+                None => rows.push(row(base, "Q : A :", "<pad> <pad>", i)?),
+            }
         }
         for (j, hit) in row_hits(net, base, &sp, &docs, &rows)?.into_iter().enumerate() {
-            let doc = j / 4;
-            match j % 4 {
+            let doc = j / 5;
+            match j % 5 {
                 0 => {
                     single += hit as usize;
                     let e = by_attr.entry(attrs[doc].name().to_string()).or_default();
@@ -534,7 +579,8 @@ pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, it
                 }
                 1 => heldout += hit as usize,
                 2 => kept += hit as usize,
-                _ => leak += hit as usize,
+                3 => leak += hit as usize,
+                _ => namesakes += hit as usize,
             }
         }
         done += n;
@@ -546,6 +592,7 @@ pub fn quick_eval(net: &HyperNet, base: &BaseModel, world: &World, seed: u64, it
         closed_book_heldout: f(heldout),
         known_kept: f(kept),
         leak: f(leak),
+        namesakes_kept: (with_namesake > 0).then(|| namesakes as f64 / with_namesake as f64),
         by_attribute: by_attr.into_iter().map(|(k, (h, n))| (k, h as f64 / n.max(1) as f64)).collect(),
         needle_4x: None,
     })
@@ -666,8 +713,13 @@ pub fn train_hypernet(
             );
             if let Some(e) = &line.eval {
                 text += &format!(
-                    "\n  eval: single {:.2} heldout {:.2} known_kept {:.2} leak {:.2} {:?}",
-                    e.closed_book_single, e.closed_book_heldout, e.known_kept, e.leak, e.by_attribute
+                    "\n  eval: single {:.2} heldout {:.2} known_kept {:.2} namesakes_kept {:.2} leak {:.2} {:?}",
+                    e.closed_book_single,
+                    e.closed_book_heldout,
+                    e.known_kept,
+                    e.namesakes_kept.unwrap_or(f64::NAN),
+                    e.leak,
+                    e.by_attribute
                 );
                 if let Some(x) = e.needle_4x {
                     text += &format!(" needle_4x {x:.2}");
@@ -746,12 +798,13 @@ fn model_card(s: &MetaSummary) -> String {
          - parameters: {params}\n- width {w}, {heads} heads, {blocks} cross-attention blocks, MLP {mlp}, \
          pointers {vw}, chunk {chunk} tokens, scale {scale}\n\
          - {steps} steps of {docs} documents (1-4 reading-split people with distractors), {wall:.0} s on CPU\n\
-         - loss weights: answer {aw}, distill {dw}, keep {kw} (negatives from {nf:.0}% of the run), L1 {l1}\n\
+         - loss weights: answer {aw}, distill {dw}, keep {kw} (negatives from {nf:.0}% of the run), L1 {l1}; keep rows \
+         per document: {kk} known, {kn} known namesakes, {ks} skills\n\
          - long documents: {needle:.0}% of one-person documents hidden among distractors (up to {nw} context windows); \
          chunk gate {gate}{init}\n\n\
          ## Held-out evaluation (200 `fresh` people, one-person documents, closed book)\n\n\
          - closed_book_single {single:.3} ({attrs})\n- closed_book_heldout phrasing {held:.3}\n\
-         - known_kept {kept:.3} (a known person's question with the delta applied)\n- leak {leak:.3}{needle4}\n\n\
+         - known_kept {kept:.3} (a known person's question with the delta applied){namesakes}\n- leak {leak:.3}{needle4}\n\n\
          `engram eval inject` gives the full comparison with distillation, in-context reading and latency.\n",
         rank = c.hyper.rank,
         mods = c.hyper.modules,
@@ -781,6 +834,13 @@ fn model_card(s: &MetaSummary) -> String {
         attrs = attrs.join(", "),
         held = e.closed_book_heldout,
         kept = e.known_kept,
+        namesakes = e
+            .namesakes_kept
+            .map(|x| format!("\n- namesakes_kept {x:.3} (a known person sharing a first or last name with the document's)"))
+            .unwrap_or_default(),
+        kk = c.keep_known,
+        kn = c.keep_namesakes,
+        ks = c.keep_skills,
         leak = e.leak,
         needle4 =
             e.needle_4x.map(|x| format!("\n- needle at 4 context windows {x:.3} (50 people)")).unwrap_or_default(),

@@ -45,6 +45,9 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
     let mut cfg = MetaConfig::tiny(&base, 7, 10);
     cfg.needle_prob = 0.3;
     cfg.needle_windows = 2.0;
+    // Keep rows about known namesakes and skill tasks join the batch (and the gradient check below).
+    cfg.keep_namesakes = 1;
+    cfg.keep_skills = 1;
     assert!(cfg.hyper.chunk_gate);
     let (net, _) = HyperNet::init_trainable(&cfg.hyper, &base.llama, &Device::Cpu).unwrap();
     let untrained = HyperInjector::from_net(net, &base).unwrap();
@@ -80,6 +83,8 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
 
     let card = std::fs::read_to_string(out.join("MODEL_CARD.md")).unwrap();
     assert!(card.contains("needle at 4 context windows"), "{card}");
+    assert!(card.contains("1 known namesakes, 1 skills"), "{card}");
+    assert!(card.contains("namesakes_kept"), "the final evaluation scores known namesakes: {card}");
 
     // A run can start from a trained network's weights: with no steps it saves them unchanged.
     let mut again = cfg.clone();
@@ -126,6 +131,12 @@ fn hypernetwork_chunks_trains_resumes_and_injects() {
     }
     assert!(r.prefill_ms_p50 > 0.0 && r.hypernet.latency_ms_p50 > 0.0 && r.distill.latency_ms_p95 > 0.0);
     assert!(!r.distill_match_curve.is_empty());
+    let b = engram_inject::evaluate::bench_inject(&base, &inj, 3, 2, 2, |_| {}).unwrap();
+    assert_eq!((b.documents, b.rounds, b.ratio_per_round.len()), (2, 2, 2));
+    assert!(b.prefill_ms_p50 > 0.0 && b.capture_ms_p50 > 0.0 && b.hypernet_ms_p50 > 0.0, "{b:?}");
+    assert!(b.prefill_injection_thread_ms_p50 > 0.0, "{b:?}");
+    let faster = b.prefill_ms_p50.min(b.prefill_injection_thread_ms_p50);
+    assert!((b.ratio - b.latency_ms_p50 / faster).abs() < 1e-9);
     let n = engram_inject::evaluate::evaluate_needle(&base, &inj, 3, 1, |_| {}).unwrap();
     assert_eq!(n.lengths.iter().map(|l| l.windows).collect::<Vec<_>>(), [1, 2, 4]);
     assert!(n.lengths[2].chunks_mean > n.lengths[0].chunks_mean, "{n:?}");

@@ -28,6 +28,19 @@ use sha2::Digest;
 pub use softmax::softmax_last_dim;
 pub use tokenizers::Tokenizer;
 
+/// Fixes candle's CPU thread count for this process (and its children) at the count candle would pick itself.
+///
+/// candle-core 0.11 asks for the count on every matmul and, unless `RAYON_NUM_THREADS` is set, recounts physical
+/// cores by parsing `/proc/cpuinfo` each time: on this project's small model that parse was ~30% of a hypernetwork
+/// pass and ~20% of a prefill. Call at the start of `main`, before any other thread exists (it sets an environment
+/// variable).
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("tensor error: {0}")]
