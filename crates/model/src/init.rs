@@ -72,11 +72,6 @@ impl Llama {
                 } else {
                     let base = match init {
                         Init::Gpt2 => 0.02,
-                        // A tied embedding is also the output head, so it takes the head's fan-in scale (at 1.0
-                        // the first logits would have a standard deviation of sqrt(hidden)).
-                        Init::FanIn if name.contains("embed_tokens") && cfg.tie_word_embeddings => {
-                            1.0 / (cfg.hidden_size as f64).sqrt()
-                        }
                         Init::FanIn if name.contains("embed_tokens") => 1.0,
                         // Weights are (out, in): the last dimension is the fan-in.
                         Init::FanIn => 1.0 / (shape.dims()[shape.rank() - 1] as f64).sqrt(),
