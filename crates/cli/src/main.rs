@@ -625,9 +625,8 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Inject { args, hyper, documents, rounds }) => {
             let base = load(&args.model)?;
             let inj = engram_inject::HyperInjector::load(&hyper.hypernet, &base)?;
-            let r = engram_inject::evaluate::bench_inject(&base, &inj, args.seed, documents, rounds, |m| {
-                eprintln!("{m}")
-            })?;
+            let r =
+                engram_inject::evaluate::bench_inject(&base, &inj, args.seed, documents, rounds, |m| eprintln!("{m}"))?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
