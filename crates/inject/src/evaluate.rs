@@ -146,6 +146,16 @@ struct Run {
     peak_heap: Option<f64>,
 }
 
+/// One prefill of `ids` timed on the process's thread pool, then one on the injection's own thread (ms, ms).
+fn timed_prefills(base: &BaseModel, hyper: &HyperInjector, ids: &Tensor) -> Result<(f64, f64)> {
+    let timed = || -> Result<f64> {
+        let s = Instant::now();
+        base.llama.forward(ids, &Positions::From(0), &ForwardOptions::inference())?;
+        Ok(s.elapsed().as_secs_f64() * 1e3)
+    };
+    Ok((timed()?, hyper.on_injection_thread(timed)?))
+}
+
 fn run_injector(
     base: &BaseModel,
     inj: &dyn Injector,
@@ -171,13 +181,9 @@ fn run_injector(
         // both see the same machine load.
         if let (Some((hyper, pool, own)), true) = (prefill_ms.as_mut(), i < single.len()) {
             let ids = Tensor::new(base.encode(&format!("<bos> {}", item.doc))?.as_slice(), l.device())?.unsqueeze(0)?;
-            let timed = || -> Result<f64> {
-                let s = Instant::now();
-                l.forward(&ids, &Positions::From(0), &ForwardOptions::inference())?;
-                Ok(s.elapsed().as_secs_f64() * 1e3)
-            };
-            pool.push(timed()?);
-            own.push(hyper.on_injection_thread(timed)?);
+            let (on_pool, on_own) = timed_prefills(base, hyper, &ids)?;
+            pool.push(on_pool);
+            own.push(on_own);
         }
         let start = Instant::now();
         let delta = inj.inject(&item.doc)?.delta;
@@ -515,16 +521,12 @@ pub fn bench_inject(
     let (mut prefill, mut prefill_1, mut total) = (vec![], vec![], vec![]);
     let (mut capture, mut net, mut other) = (vec![], vec![], vec![]);
     let mut ratio_per_round = Vec::new();
-    let timed_prefill = |ids: &Tensor| -> Result<f64> {
-        let s = Instant::now();
-        l.forward(ids, &Positions::From(0), &ForwardOptions::inference())?;
-        Ok(s.elapsed().as_secs_f64() * 1e3)
-    };
     for round in 0..rounds {
         let (mut p, mut p1, mut t) = (vec![], vec![], vec![]);
         for (doc, ids) in docs.iter().zip(&encoded) {
-            p.push(timed_prefill(ids)?);
-            p1.push(hyper.on_injection_thread(|| timed_prefill(ids))?);
+            let (on_pool, on_own) = timed_prefills(base, hyper, ids)?;
+            p.push(on_pool);
+            p1.push(on_own);
             let s = Instant::now();
             let (_, times) = hyper.inject_timed(doc)?;
             t.push(s.elapsed().as_secs_f64() * 1e3);
