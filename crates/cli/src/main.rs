@@ -296,10 +296,17 @@ enum BenchCommand {
         /// Documents to inject.
         #[arg(long, default_value_t = 100)]
         n: usize,
-        /// How each delta joins the chain: naive (add it), nullspace (project it off protected keys) or memit (one
-        /// least-squares solution meeting every accepted document's key-value requirements).
+        /// How each delta joins the chain: naive (add it), nullspace (project it off protected keys), memit (one
+        /// least-squares solution meeting every accepted document's key-value requirements) or memory (one
+        /// side-memory entry per person, read at the final residual).
         #[arg(long, default_value = "memit")]
         strategy: String,
+        /// Memory strategy: added to each entry's threshold (the highest cosine a protected position reaches).
+        #[arg(long, default_value_t = engram_compose::MemoryConfig::default().margin)]
+        memory_margin: f32,
+        /// Memory strategy: one entry per person instead of one per fact (person and attribute).
+        #[arg(long)]
+        memory_per_person: bool,
         #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
         injector: InjectorKind,
         /// Distillation steps (with --injector distill).
@@ -347,7 +354,7 @@ enum BenchCommand {
         /// (one change at the person's name).
         #[arg(long, default_value = "last")]
         site: String,
-        /// Memit strategy, locate mode: Adam steps of the residual search.
+        /// Memit (locate mode) and memory strategies: Adam steps and learning rate of the value search.
         #[arg(long, default_value_t = engram_compose::MemitConfig::default().search_steps)]
         search_steps: usize,
         #[arg(long, default_value_t = engram_compose::MemitConfig::default().search_lr)]
@@ -558,6 +565,8 @@ fn main() -> Result<()> {
             site,
             search_steps,
             search_lr,
+            memory_margin,
+            memory_per_person,
             compact_every,
             csv,
             plot,
@@ -580,6 +589,17 @@ fn main() -> Result<()> {
                         mode: mode.parse()?,
                         layers: edit_layers,
                         site: site.parse()?,
+                        search_steps,
+                        search_lr,
+                        ..Default::default()
+                    },
+                )?),
+                "memory" => Box::new(engram_compose::SideMemoryStrategy::new(
+                    &base.llama,
+                    &base.tokenizer,
+                    engram_compose::MemoryConfig {
+                        margin: memory_margin,
+                        per_fact: !memory_per_person,
                         search_steps,
                         search_lr,
                         ..Default::default()

@@ -102,7 +102,7 @@ pub struct EngineArgs {
     pub(crate) model: PathBuf,
     #[arg(long, default_value = "models/hypernet")]
     pub(crate) hypernet: PathBuf,
-    /// How each delta joins the chain: memit (default), nullspace or naive.
+    /// How each delta joins the chain: memit (default), memory (one side-memory entry per fact), nullspace or naive.
     #[arg(long, default_value = "memit")]
     pub(crate) strategy: String,
     /// Run the capability gate on every candidate (a job's `force` option skips it).

@@ -48,7 +48,7 @@ async fn bad_input(client: &Client, replica_addr: &str, ns: &str) {
     client.rollback(ns, &older, "test: go back").await.unwrap();
     invalid(client.rollback(ns, &newer, "test: forward").await, "a rollback to a descendant", "not an ancestor");
     // A delta for another base model, staged straight on a replica.
-    let mut delta = engram_lora::Delta { meta: Default::default(), adapters: Default::default() };
+    let mut delta = engram_lora::Delta::default();
     delta.meta.base_model = "0".repeat(64);
     delta.meta.scale = 1.0;
     delta.adapters.insert(

@@ -22,6 +22,19 @@ pub fn padded<'a>(
     Ok((Tensor::from_vec(flat, (n, t), dev)?, t))
 }
 
+/// `texts` as token rows, each cut to the model's context.
+pub fn token_rows(model: &Llama, tokenizer: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+    let max = model.config().max_position_embeddings;
+    texts
+        .iter()
+        .map(|t| {
+            let mut ids = engram_model::encode(tokenizer, t)?;
+            ids.truncate(max);
+            Ok(ids)
+        })
+        .collect()
+}
+
 /// Runs `texts` through `model` and hands each batch's keys to `sink(layer, keys)`, `keys` being `tokens x in`
 /// (padding removed).
 fn for_each_key_batch(
@@ -31,15 +44,7 @@ fn for_each_key_batch(
     mut sink: impl FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<()> {
     let pad = tokenizer.token_to_id("<pad>").context("tokenizer has no <pad>")?;
-    let max = model.config().max_position_embeddings;
-    let rows: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| {
-            let mut ids = engram_model::encode(tokenizer, t)?;
-            ids.truncate(max);
-            Ok(ids)
-        })
-        .collect::<Result<_>>()?;
+    let rows = token_rows(model, tokenizer, texts)?;
     let opts =
         ForwardOptions { kernels: Kernels::Fused, capture_mlp_hidden: true, last_only: true, ..Default::default() };
     for batch in rows.chunks(BATCH) {

@@ -10,6 +10,7 @@
 pub mod gate;
 pub mod keys;
 pub mod memit;
+pub mod memory;
 pub mod nullspace;
 pub mod plot;
 pub mod sequential;
@@ -21,6 +22,7 @@ use engram_model::{Llama, Tokenizer};
 
 pub use gate::{Gate, GateConfig, GateReport};
 pub use memit::{Memit, MemitConfig};
+pub use memory::{MemoryConfig, SideMemoryStrategy};
 pub use nullspace::{NullSpace, NullSpaceConfig};
 
 /// How a candidate delta joins a namespace's chain.
@@ -67,7 +69,7 @@ impl Strategy for Naive {
 }
 
 /// The strategies by name, as the CLI and the worker name them.
-pub const STRATEGIES: [&str; 3] = ["naive", "nullspace", "memit"];
+pub const STRATEGIES: [&str; 4] = ["naive", "nullspace", "memit", "memory"];
 
 /// Builds a strategy by name from a state `save` wrote for the same base model and configuration, skipping the
 /// measurement of protected keys (seconds to tens of seconds on a CPU).
@@ -80,6 +82,12 @@ pub fn restored_strategy(name: &str, base: &Llama, tokenizer: &Tokenizer, state:
             Box::new(s)
         }
         "memit" => Box::new(Memit::restored(base, tokenizer, MemitConfig::default(), state)?),
+        // Stateless: its entries live in the chain; the protected positions are measured again.
+        "memory" => {
+            let mut s = SideMemoryStrategy::new(base, tokenizer, MemoryConfig::default())?;
+            s.restore(state)?;
+            Box::new(s)
+        }
         other => bail!("unknown strategy {other:?}; expected one of {}", STRATEGIES.join(", ")),
     })
 }
@@ -90,6 +98,7 @@ pub fn strategy(name: &str, base: &Llama, tokenizer: &Tokenizer) -> Result<Box<d
         "naive" => Box::new(Naive),
         "nullspace" => Box::new(NullSpace::new(base, tokenizer, NullSpaceConfig::default())?),
         "memit" => Box::new(Memit::new(base, tokenizer, MemitConfig::default())?),
+        "memory" => Box::new(SideMemoryStrategy::new(base, tokenizer, MemoryConfig::default())?),
         other => bail!("unknown strategy {other:?}; expected one of {}", STRATEGIES.join(", ")),
     })
 }

@@ -320,7 +320,7 @@ impl Strategy for Memit {
             injector_version: format!("{} composed=memit", candidate.meta.injector_version),
             ..candidate.meta
         };
-        Ok(Delta { meta, adapters })
+        Ok(Delta { meta, adapters, memory: None })
     }
 
     fn accepted(&mut self, _head: &Llama, _document: &str) -> Result<()> {

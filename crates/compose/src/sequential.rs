@@ -100,7 +100,21 @@ pub struct SequentialReport {
     /// Largest |weight difference| between the head rebuilt from the base and the compactions and the head
     /// built version by version: a compaction must serve what the chain served.
     pub compaction_max_error: f64,
+    /// Injection latency (inject + compose + merge) on the bare base model and on the final head, timed
+    /// alternately on the same documents so that the machine's drift over a long run cancels out.
+    pub latency: LatencyCheck,
     pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyCheck {
+    pub documents: usize,
+    pub rounds: usize,
+    /// Milliseconds per document with the chain empty (N=0) and with the whole chain (N).
+    pub empty_ms: f64,
+    pub full_ms: f64,
+    /// `full_ms / empty_ms`: what the chain's length costs an injection.
+    pub ratio: f64,
 }
 
 fn accuracy(hits: &[bool]) -> f64 {
@@ -240,6 +254,8 @@ pub fn run(
             (inject_ms, compose_ms, window) = (0.0, 0.0, 0);
         }
     }
+    let latency =
+        latency_check(llama, &head, &world, injector, strategy, &people[..cfg.n.min(5) * cfg.people_per_doc], cfg)?;
     let last = curve.last().cloned().expect("n > 0 gives at least one point");
     Ok(SequentialReport {
         strategy: strategy.name().into(),
@@ -253,7 +269,47 @@ pub fn run(
         compactions: compacted.len(),
         compaction_ms_per_version: compaction_s * 1e3 / accepted.max(1) as f64,
         compaction_max_error: compaction_err,
+        latency,
         wall_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Times what one more document costs on the empty chain and on the full `head`, alternating, three rounds over
+/// the documents of `people` (already injected: only the cost matters here). The strategy composes without being
+/// told of acceptance, so its state does not move.
+fn latency_check(
+    base: &Llama,
+    head: &Llama,
+    world: &World,
+    injector: &dyn Injector,
+    strategy: &mut dyn Strategy,
+    people: &[engram_world::Person],
+    cfg: &SequentialConfig,
+) -> Result<LatencyCheck> {
+    const ROUNDS: usize = 3;
+    let mut rng = Rng::derive(cfg.seed, 0x1A7);
+    let docs: Vec<String> = people.chunks(cfg.people_per_doc).map(|who| world.document(&mut rng, who, false)).collect();
+    let mut one = |state: &Llama, doc: &str| -> Result<f64> {
+        let t = Instant::now();
+        let candidate = injector.inject(doc)?.delta;
+        let composed = strategy.compose(state, doc, candidate)?;
+        state.merged(&[&composed])?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut empty, mut full) = (0.0, 0.0);
+    for _ in 0..ROUNDS {
+        for doc in &docs {
+            empty += one(base, doc)?;
+            full += one(head, doc)?;
+        }
+    }
+    let n = (ROUNDS * docs.len()).max(1) as f64;
+    Ok(LatencyCheck {
+        documents: docs.len(),
+        rounds: ROUNDS,
+        empty_ms: empty / n,
+        full_ms: full / n,
+        ratio: full / empty.max(1e-9),
     })
 }
 
@@ -323,6 +379,12 @@ impl SequentialReport {
         s += &format!(
             "{} compactions ({:.1} ms per version amortised, max weight error {:.1e}); setup {:.1} s, total {:.1} s\n",
             self.compactions, self.compaction_ms_per_version, self.compaction_max_error, self.setup_s, self.wall_s
+        );
+        let l = &self.latency;
+        s += &format!(
+            "latency per document, timed alternately: {:.1} ms on the empty chain, {:.1} ms after {} documents \
+             ({:.2}x)\n",
+            l.empty_ms, l.full_ms, self.config.n, l.ratio
         );
         s
     }

@@ -38,7 +38,7 @@ fn fails(store: &str, args: &[&str], needle: &str) {
 fn write_delta(dir: &Path, name: &str, value: f32) -> String {
     let f = Factors { rank: 1, in_dim: 3, out_dim: 2, a: vec![1.0, 0.0, 0.0], b: vec![value, 0.0] };
     let meta = Meta { base_model: "b4se".into(), scale: 2.0, ..Default::default() };
-    let d = Delta { meta, adapters: BTreeMap::from([((0, "mlp.down_proj".to_string()), f)]) };
+    let d = Delta { meta, adapters: BTreeMap::from([((0, "mlp.down_proj".to_string()), f)]), memory: None };
     let path = dir.join(name);
     std::fs::write(&path, d.encode().unwrap()).unwrap();
     path.display().to_string()

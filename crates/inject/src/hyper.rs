@@ -677,7 +677,7 @@ impl HyperInjector<'_> {
         };
         let seconds = start.elapsed().as_secs_f64();
         times.other_ms = seconds * 1e3 - times.capture_ms - times.hypernet_ms;
-        Ok((Injection { delta: Delta { meta, adapters }, steps: 0, seconds }, times))
+        Ok((Injection { delta: Delta { meta, adapters, memory: None }, steps: 0, seconds }, times))
     }
 }
 

@@ -93,11 +93,91 @@ pub struct Meta {
     pub injector_version: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Delta {
     pub meta: Meta,
     /// (layer, module) -> factors.
     pub adapters: BTreeMap<(usize, String), Factors>,
+    /// Side-memory entries this delta adds (the `memory` composition strategy); `None` for a plain LoRA delta.
+    pub memory: Option<Memory>,
+}
+
+/// A key-value side memory read at the final residual stream. At every position the residual after the last layer,
+/// centred on `mean` and scaled to unit length, is compared with every key (cosine); the best-matching entry adds
+/// its value to the normed residual (after the final norm, so a value is a fixed change of the logits) when its
+/// score exceeds that entry's threshold.
+/// Nothing before the head sees the memory, so entries cannot disturb each other's keys, and a chain's memories
+/// are concatenated, never summed: the thousandth entry is stored exactly like the first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Memory {
+    pub hidden: usize,
+    /// `hidden`: the centre the keys were measured from (a property of the base model, equal along a chain).
+    pub mean: Vec<f32>,
+    /// `entries x hidden`, unit rows.
+    pub keys: Vec<f32>,
+    /// `entries x hidden`: what a firing entry adds to the normed residual.
+    pub values: Vec<f32>,
+    /// `entries`: the cosine an entry's score must exceed to fire.
+    pub thresholds: Vec<f32>,
+}
+
+impl Memory {
+    pub fn entries(&self) -> usize {
+        self.thresholds.len()
+    }
+
+    /// Checks that the parts agree in shape and hold finite values, keys of unit length and thresholds in [-1, 1].
+    pub fn check(&self) -> Result<()> {
+        let (d, n) = (self.hidden, self.thresholds.len());
+        if d == 0 || self.mean.len() != d || self.keys.len() != n * d || self.values.len() != n * d {
+            return Err(Error::Invalid(format!(
+                "memory of {n} entries at hidden size {d} has mean {}, keys {} and values {} values",
+                self.mean.len(),
+                self.keys.len(),
+                self.values.len()
+            )));
+        }
+        if let Some(bad) = self.mean.iter().chain(&self.keys).chain(&self.values).find(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!("memory: non-finite value {bad}")));
+        }
+        if let Some(t) = self.thresholds.iter().find(|t| !(-1.0..=1.0).contains(*t)) {
+            return Err(Error::Invalid(format!("memory: threshold {t} is not a cosine in [-1, 1]")));
+        }
+        for (i, k) in self.keys.chunks_exact(d).enumerate() {
+            let norm = k.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if (norm - 1.0).abs() > 1e-3 {
+                return Err(Error::Invalid(format!("memory entry {i}: key norm {norm}, expected 1")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `other`'s entries; both must be measured from the same centre.
+    pub fn extend(&mut self, other: &Memory) -> Result<()> {
+        if other.hidden != self.hidden || other.mean != self.mean {
+            return Err(Error::Invalid(
+                "memories measured from different centres (another base model or strategy configuration) \
+                 cannot be joined"
+                    .into(),
+            ));
+        }
+        self.keys.extend_from_slice(&other.keys);
+        self.values.extend_from_slice(&other.values);
+        self.thresholds.extend_from_slice(&other.thresholds);
+        Ok(())
+    }
+
+    /// The memories of `deltas`, in order, as one (`None` when none carries one).
+    pub fn joined<'a>(deltas: impl IntoIterator<Item = &'a Delta>) -> Result<Option<Memory>> {
+        let mut out: Option<Memory> = None;
+        for m in deltas.into_iter().filter_map(|d| d.memory.as_ref()) {
+            match &mut out {
+                None => out = Some(m.clone()),
+                Some(o) => o.extend(m)?,
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
@@ -191,6 +271,13 @@ impl Delta {
             tensors.push((format!("layers.{layer}.{module}.lora_a"), vec![f.rank, f.in_dim], f.a.clone()));
             tensors.push((format!("layers.{layer}.{module}.lora_b"), vec![f.out_dim, f.rank], f.b.clone()));
         }
+        if let Some(m) = &self.memory {
+            let (n, d) = (m.entries(), m.hidden);
+            tensors.push(("memory.mean".into(), vec![d], m.mean.clone()));
+            tensors.push(("memory.keys".into(), vec![n, d], m.keys.clone()));
+            tensors.push(("memory.values".into(), vec![n, d], m.values.clone()));
+            tensors.push(("memory.thresholds".into(), vec![n], m.thresholds.clone()));
+        }
         let meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("base_model".into(), self.meta.base_model.clone()),
@@ -212,6 +299,8 @@ impl Delta {
         let scale: f32 =
             meta.get("scale").and_then(|s| s.parse().ok()).ok_or_else(|| malformed("missing or unreadable scale"))?;
         let field = |k: &str| meta.get(k).cloned().unwrap_or_default();
+        let (memory, tensors): (Vec<_>, Vec<_>) = tensors.into_iter().partition(|(n, _)| n.starts_with("memory."));
+        let memory = read_memory(memory)?;
         let adapters = assemble(tensors, |name| {
             let (layer, rest) = name.strip_prefix("layers.")?.split_once('.')?;
             let (module, which) = rest.rsplit_once('.')?;
@@ -230,6 +319,7 @@ impl Delta {
                 injector_version: field("injector_version"),
             },
             adapters,
+            memory,
         })
     }
 
@@ -251,6 +341,12 @@ impl Delta {
             field(&le_bytes(&f.a));
             field(&le_bytes(&f.b));
         }
+        if let Some(m) = &self.memory {
+            field(format!("memory/{}/{}", m.entries(), m.hidden).as_bytes());
+            for part in [&m.mean, &m.keys, &m.values, &m.thresholds] {
+                field(&le_bytes(part));
+            }
+        }
         hex::encode(h.finalize())
     }
 
@@ -271,8 +367,11 @@ impl Delta {
         if !self.meta.scale.is_finite() {
             return Err(Error::Invalid(format!("scale {} is not finite", self.meta.scale)));
         }
-        if self.adapters.is_empty() {
-            return Err(Error::Invalid("no adapted weights".into()));
+        if self.adapters.is_empty() && self.memory.is_none() {
+            return Err(Error::Invalid("no adapted weights and no memory entries".into()));
+        }
+        if let Some(m) = &self.memory {
+            m.check()?;
         }
         for ((layer, module), f) in &self.adapters {
             let at = format!("layer {layer} {module}");
@@ -325,7 +424,8 @@ impl Delta {
 
 impl Delta {
     /// One delta equal to the sum of `chain` (what a compaction version stores): per adapted weight, the dense sum
-    /// of every delta's `scale * B @ A`, in exact factors at scale 1. Every delta must be for the same base model.
+    /// of every delta's `scale * B @ A`, in exact factors at scale 1, and every memory entry in chain order. Every
+    /// delta must be for the same base model.
     pub fn compact(chain: &[&Delta], mut meta: Meta) -> Result<Delta> {
         let Some(first) = chain.first() else {
             return Err(Error::Invalid("nothing to compact".into()));
@@ -357,8 +457,30 @@ impl Delta {
             .into_iter()
             .map(|(k, (i, o, w))| Ok((k, Factors::exact(i, o, w)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        Ok(Delta { meta, adapters })
+        let memory = Memory::joined(chain.iter().copied())?;
+        Ok(Delta { meta, adapters, memory })
     }
+}
+
+/// The `memory.*` tensors of a delta file as one [`Memory`] (`None` when there are none).
+fn read_memory(tensors: Vec<(String, Tensor)>) -> Result<Option<Memory>> {
+    if tensors.is_empty() {
+        return Ok(None);
+    }
+    let mut parts: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let mut take = |name: &str| parts.remove(name).ok_or_else(|| malformed(format!("memory lacks {name}")));
+    let (mean, keys, values, thresholds) =
+        (take("memory.mean")?, take("memory.keys")?, take("memory.values")?, take("memory.thresholds")?);
+    if let Some(extra) = parts.keys().next() {
+        return Err(malformed(format!("unexpected tensor {extra}")));
+    }
+    let d = mean.1.len();
+    let m = Memory { hidden: d, mean: mean.1, keys: keys.1, values: values.1, thresholds: thresholds.1 };
+    let n = m.entries();
+    if keys.0 != [n, d] || values.0 != [n, d] {
+        return Err(malformed(format!("memory keys {:?} and values {:?} are not {n}x{d}", keys.0, values.0)));
+    }
+    Ok(Some(m))
 }
 
 /// Frobenius norm, per layer, of `sum_i sign_i * scale_i * B_i @ A_i` over the given deltas (all modules of a layer

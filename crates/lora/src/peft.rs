@@ -20,6 +20,11 @@ fn short(module: &str) -> &str {
 
 /// Writes `delta` as a PEFT adapter directory. `base_model_path` goes into `base_model_name_or_path`.
 pub fn export(delta: &Delta, dir: &Path, base_model_path: &str) -> Result<()> {
+    if delta.memory.is_some() {
+        return Err(Error::Invalid(
+            "this delta carries side-memory entries, which PEFT cannot express; export a LoRA-only delta".into(),
+        ));
+    }
     let r = delta.rank();
     if r == 0 {
         return Err(Error::Invalid("an empty delta has nothing to export".into()));
@@ -119,5 +124,6 @@ pub fn import(dir: &Path, base_model: &str) -> Result<Delta> {
             injector_version: text("injector_version", ""),
         },
         adapters,
+        memory: None,
     })
 }

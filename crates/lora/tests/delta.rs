@@ -21,7 +21,7 @@ fn delta(seed: u32, scale: f32) -> Delta {
         adapters.insert((layer, "mlp.down_proj".to_string()), f);
     }
     let meta = Meta { base_model: "b4se".into(), scale, injector: "test".into(), injector_version: "1".into() };
-    Delta { meta, adapters }
+    Delta { meta, adapters, memory: None }
 }
 
 fn dense_norm(terms: &[(f64, &Delta)], layer: usize) -> f64 {
@@ -122,6 +122,7 @@ fn a_compaction_equals_the_sum_of_its_chain() {
                 ((l, "mlp.down_proj".to_string()), f)
             })
             .collect(),
+        memory: None,
     };
     let (a, b) = (delta(1, 2, 2.0, &[0, 1]), delta(5, 3, 0.5, &[1]));
     let c = Delta::compact(&[&a, &b], meta(7.0)).unwrap();
@@ -139,4 +140,64 @@ fn a_compaction_equals_the_sum_of_its_chain() {
     other.meta.base_model = "other".into();
     assert!(Delta::compact(&[&a, &other], meta(1.0)).is_err());
     assert!(Delta::compact(&[], meta(1.0)).is_err());
+}
+
+fn memory_delta(seed: u32, entries: usize) -> Delta {
+    let d = 4;
+    let keys: Vec<f32> = pseudo(seed, entries * d)
+        .chunks(d)
+        .flat_map(|k| {
+            let n = k.iter().map(|x| x * x).sum::<f32>().sqrt();
+            k.iter().map(move |x| x / n).collect::<Vec<_>>()
+        })
+        .collect();
+    Delta {
+        meta: Meta { base_model: "b4se".into(), scale: 1.0, injector: "test".into(), injector_version: "1".into() },
+        adapters: BTreeMap::new(),
+        memory: Some(engram_lora::Memory {
+            hidden: d,
+            mean: vec![0.5; d],
+            keys,
+            values: pseudo(seed + 1, entries * d),
+            thresholds: vec![0.7; entries],
+        }),
+    }
+}
+
+#[test]
+fn memory_entries_round_trip_hash_validate_and_compact_by_concatenation() {
+    let m = memory_delta(3, 2);
+    let back = Delta::decode(&m.encode().unwrap()).unwrap();
+    assert_eq!(back, m);
+    assert_eq!(back.content_hash(), m.content_hash());
+    assert_ne!(memory_delta(4, 2).content_hash(), m.content_hash());
+    let shape = |_: &str| Some((4, 4));
+    m.validate("b4se", 2, shape, 4, 1e4).unwrap();
+
+    let mut bad = m.clone();
+    bad.memory.as_mut().unwrap().thresholds[1] = 1.5;
+    let err = bad.validate("b4se", 2, shape, 4, 1e4).unwrap_err().to_string();
+    assert!(err.contains("threshold 1.5"), "{err}");
+    let mut bad = m.clone();
+    bad.memory.as_mut().unwrap().keys[0] = 3.0;
+    assert!(bad.validate("b4se", 2, shape, 4, 1e4).unwrap_err().to_string().contains("key norm"));
+    let mut bad = m.clone();
+    bad.memory.as_mut().unwrap().values.pop();
+    assert!(bad.validate("b4se", 2, shape, 4, 1e4).is_err());
+    assert!(Delta { memory: None, ..m.clone() }.validate("b4se", 2, shape, 4, 1e4).is_err(), "an empty delta passed");
+
+    // A compaction keeps every entry in chain order beside the summed adapters.
+    let with_lora = Delta { memory: memory_delta(5, 1).memory, ..delta(1, 1.0) };
+    let c = Delta::compact(&[&m, &with_lora, &memory_delta(6, 3)], m.meta.clone()).unwrap();
+    let cm = c.memory.as_ref().unwrap();
+    assert_eq!(cm.entries(), 6);
+    assert_eq!(&cm.keys[..8], &m.memory.as_ref().unwrap().keys[..]);
+    assert_eq!(c.adapters.len(), 2);
+    let mut other_centre = memory_delta(7, 1);
+    other_centre.memory.as_mut().unwrap().mean[0] = 0.0;
+    assert!(Delta::compact(&[&m, &other_centre], m.meta.clone()).is_err());
+
+    let dir = tempfile::tempdir().unwrap();
+    let err = peft::export(&with_lora, dir.path(), "base").unwrap_err().to_string();
+    assert!(err.contains("side-memory"), "{err}");
 }

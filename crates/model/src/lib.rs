@@ -13,6 +13,7 @@ mod config;
 mod init;
 mod llama;
 pub mod lora;
+mod memory;
 mod softmax;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use init::Init;
 pub use llama::{ForwardOptions, ForwardOutput, Kernels, KvCache, Llama, Positions};
 pub use lora::{LoraAdapter, LoraSet, Module};
+pub use memory::SideMemory;
 use sha2::Digest;
 pub use softmax::softmax_last_dim;
 pub use tokenizers::Tokenizer;
@@ -120,6 +122,13 @@ impl Llama {
 
     /// Writes `config.json` and `model.safetensors` (tensors in name order, so equal weights give equal bytes).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if let Some(m) = self.memory() {
+            return Err(ModelError::Input(format!(
+                "this model state has {} side-memory entries, which a Hugging Face checkpoint cannot hold; save its \
+                 delta chain instead",
+                m.entries()
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let cfg_path = dir.join(CONFIG_FILE);
         let json = serde_json::to_string_pretty(self.config()).expect("config serialises");
@@ -209,7 +218,14 @@ impl BaseModel {
             .unwrap_or(0);
         delta
             .validate(&self.hash, cfg.num_hidden_layers, shape, max_rank, 1e4)
-            .map_err(|e| ModelError::Lora(e.to_string()))
+            .map_err(|e| ModelError::Lora(e.to_string()))?;
+        match &delta.memory {
+            Some(m) if m.hidden != cfg.hidden_size => Err(ModelError::Lora(format!(
+                "memory entries are for hidden size {}, the model's is {}",
+                m.hidden, cfg.hidden_size
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

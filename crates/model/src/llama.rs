@@ -106,6 +106,8 @@ pub struct Llama {
     /// `max_position x head_dim/2`.
     cos: Tensor,
     sin: Tensor,
+    /// Entries of `memory`-strategy deltas merged into this state (none for a plain model).
+    memory: Option<crate::SideMemory>,
 }
 
 impl Llama {
@@ -146,7 +148,7 @@ impl Llama {
             Linear::new(vb.get_with_hints((cfg.vocab_size, d), "lm_head.weight", randn(std))?, None)
         };
         let (cos, sin) = rope_tables(cfg, vb.device(), vb.dtype())?;
-        Ok(Self { cfg: cfg.clone(), embed, layers, norm, lm_head, cos, sin })
+        Ok(Self { cfg: cfg.clone(), embed, layers, norm, lm_head, cos, sin, memory: None })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -188,12 +190,13 @@ impl Llama {
     }
 
     /// A copy of this model with `deltas` merged into its weights, `W = W0 + sum scale * B @ A`, added in the
-    /// given order. `self` (W0) is untouched, and the same deltas in the same order give bit-identical weights, so
-    /// a merged state is always rebuilt from W0, never patched.
+    /// given order, and their side-memory entries appended after this model's. `self` (W0) is untouched, and the
+    /// same deltas in the same order give bit-identical weights, so a merged state is always rebuilt from W0,
+    /// never patched.
     pub fn merged(&self, deltas: &[&engram_lora::Delta]) -> Result<Llama> {
         let mut tensors: std::collections::HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
         for delta in deltas {
-            let set = crate::LoraSet::from_delta(delta, self.device())?;
+            let set = crate::LoraSet::from_adapters(delta, self.device())?;
             set.validate(&self.cfg, None)?;
             for (&(layer, module), ad) in set.iter() {
                 let name = format!("model.layers.{layer}.{}.weight", module.path());
@@ -203,7 +206,28 @@ impl Llama {
                 tensors.insert(name, sum);
             }
         }
-        Llama::new(&self.cfg, VarBuilder::from_tensors(tensors, self.dtype(), self.device()))
+        let mut merged = Llama::new(&self.cfg, VarBuilder::from_tensors(tensors, self.dtype(), self.device()))?;
+        let added = engram_lora::Memory::joined(deltas.iter().copied())
+            .map_err(|e| crate::ModelError::Lora(e.to_string()))?
+            .map(|m| crate::SideMemory::new(&m, self.cfg.hidden_size, self.device()))
+            .transpose()?;
+        merged.memory = match (&self.memory, added) {
+            (None, added) => added,
+            (Some(old), None) => Some(old.clone()),
+            (Some(old), Some(added)) => Some(old.joined(&added)?),
+        };
+        Ok(merged)
+    }
+
+    /// This state without its side memory (the weights are shared, not copied): residuals are the same, and a
+    /// forward pass no longer pays for matching every entry.
+    pub fn without_memory(&self) -> Llama {
+        Llama { memory: None, ..self.clone() }
+    }
+
+    /// The side memory merged into this state, if any.
+    pub fn memory(&self) -> Option<&crate::SideMemory> {
+        self.memory.as_ref()
     }
 
     /// The frozen weight of one linear module (`out x in`), e.g. for null-space projections.
@@ -223,8 +247,17 @@ impl Llama {
     /// Logits from a final residual (`... x hidden`, the last entry of `ForwardOutput::residuals`): the final norm
     /// and the head, differentiable. A search for a change of the last residual needs nothing else.
     pub fn head_logits(&self, residual: &Tensor) -> Result<Tensor> {
-        let x = self.rms_norm(residual, &self.norm, Kernels::Differentiable)?;
-        Ok(self.lm_head.forward(&x)?)
+        self.normed_logits(&self.final_norm(residual)?)
+    }
+
+    /// The final norm of a final residual, differentiable.
+    pub fn final_norm(&self, residual: &Tensor) -> Result<Tensor> {
+        self.rms_norm(residual, &self.norm, Kernels::Differentiable)
+    }
+
+    /// Logits from a normed final residual: the head alone (linear), where side-memory values are added.
+    pub fn normed_logits(&self, normed: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(normed)?)
     }
 
     /// A full forward pass over `ids` (`batch x seq`, u32) with no cache.
@@ -284,7 +317,14 @@ impl Llama {
             residuals.push(x.clone());
         }
         let x = if opts.last_only { x.i((.., t - 1..t, ..))?.contiguous()? } else { x };
+        // The side memory matches the residual before the final norm and adds after it, where a value is a fixed
+        // change of the logits (`lm_head @ value`) whatever the residual's scale.
+        let added = self.memory.as_ref().map(|m| m.added(&x)).transpose()?;
         let x = self.rms_norm(&x, &self.norm, opts.kernels)?;
+        let x = match added {
+            Some(a) => (x + a)?,
+            None => x,
+        };
         let logits = self.lm_head.forward(&x)?;
         let logits = if opts.last_only { logits.squeeze(1)? } else { logits };
         Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, residuals, mlp_hidden })

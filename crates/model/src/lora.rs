@@ -172,8 +172,21 @@ impl Module {
 }
 
 impl LoraSet {
-    /// The adapters of a stored delta, as tensors on `device` (batch-shared).
+    /// The adapters of a stored delta, as tensors on `device` (batch-shared). A delta that carries side-memory
+    /// entries is refused: adapters alone would serve it without its memory; merge it with `Llama::merged`.
     pub fn from_delta(delta: &engram_lora::Delta, device: &candle_core::Device) -> Result<Self> {
+        if let Some(m) = &delta.memory {
+            return Err(ModelError::Lora(format!(
+                "this delta carries {} side-memory entries, which per-request adapters cannot apply; merge it into \
+                 the model instead",
+                m.entries()
+            )));
+        }
+        Self::from_adapters(delta, device)
+    }
+
+    /// The adapters of a stored delta, ignoring any side memory (which `Llama::merged` handles).
+    pub(crate) fn from_adapters(delta: &engram_lora::Delta, device: &candle_core::Device) -> Result<Self> {
         let mut set = Self::new();
         for ((layer, path), f) in &delta.adapters {
             let module = Module::from_path(path)
@@ -211,6 +224,6 @@ impl LoraSet {
             let f = engram_lora::Factors::new(r, i, o, a, b).map_err(|e| ModelError::Lora(e.to_string()))?;
             adapters.insert((layer, module.path().to_string()), f);
         }
-        Ok(engram_lora::Delta { meta, adapters })
+        Ok(engram_lora::Delta { meta, adapters, memory: None })
     }
 }

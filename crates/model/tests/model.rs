@@ -404,3 +404,63 @@ fn merged_deltas_equal_adapters_and_rebuild_exactly() {
         assert_eq!(max_abs_diff(a, b), 0.0, "{n} differs between two identical merges");
     }
 }
+
+#[test]
+fn side_memory_fires_only_above_its_threshold_and_changes_only_the_head() {
+    let cfg = tiny_config(2, false);
+    let (model, _vm) = trainable(&cfg, 31);
+    let d = cfg.hidden_size;
+    let input = ids(&[&[1, 2, 3, 4, 5, 6]]);
+    let opts = ForwardOptions { capture_residuals: true, ..ForwardOptions::default() };
+    let before = model.forward(&input, &Positions::From(0), &opts).unwrap();
+    let last: Vec<f32> = before.residuals.last().unwrap().squeeze(0).unwrap().get(3).unwrap().to_vec1().unwrap();
+    let unit = |v: &[f32]| -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    };
+    let value: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { 2.0 } else { -1.0 }).collect();
+    let keyed = |sign: f32, threshold: f32, mean: f32| engram_lora::Delta {
+        memory: Some(engram_lora::Memory {
+            hidden: d,
+            mean: vec![mean; d],
+            keys: unit(&last.iter().map(|x| sign * (x - mean)).collect::<Vec<_>>()),
+            values: value.clone(),
+            thresholds: vec![threshold],
+        }),
+        ..Default::default()
+    };
+    let memory = |threshold: f32, mean: f32| keyed(1.0, threshold, mean);
+    // Position 3's own residual scores cosine 1: a threshold below fires there and (generically) nowhere else.
+    let head = model.merged(&[&memory(0.999, 0.0)]).unwrap();
+    assert_eq!(head.memory().unwrap().entries(), 1);
+    let after = head.forward(&input, &Positions::From(0), &opts).unwrap();
+    for (a, b) in after.residuals.iter().zip(&before.residuals) {
+        assert_eq!(max_abs_diff(a, b), 0.0, "the memory changed a residual");
+    }
+    let diff = (&after.logits - &before.logits).unwrap().abs().unwrap().max(D::Minus1).unwrap().squeeze(0).unwrap();
+    let diff: Vec<f32> = diff.to_vec1().unwrap();
+    assert!(diff[3] > 1e-3, "the entry did not fire on its own key: {diff:?}");
+    assert!(diff.iter().enumerate().all(|(p, &x)| p == 3 || x == 0.0), "fired elsewhere: {diff:?}");
+    // The change is the head applied to the value, added after the final norm.
+    let normed =
+        model.final_norm(&before.residuals.last().unwrap().get(0).unwrap().get(3).unwrap().unsqueeze(0).unwrap());
+    let want = model
+        .normed_logits(
+            &(normed.unwrap() + Tensor::new(value.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap(),
+        )
+        .unwrap();
+    let got = after.logits.get(0).unwrap().get(3).unwrap().unsqueeze(0).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+    // The opposite direction scores -1 there: it stays silent.
+    let silent = model.merged(&[&keyed(-1.0, 0.9, 0.0)]).unwrap();
+    assert_eq!(max_abs_diff(&silent.forward(&input, &Positions::From(0), &opts).unwrap().logits, &before.logits), 0.0);
+    // Chains concatenate; memories measured from different centres are refused; adapters alone cannot carry one.
+    assert_eq!(head.merged(&[&memory(0.5, 0.0)]).unwrap().memory().unwrap().entries(), 2);
+    assert!(head.merged(&[&memory(0.5, 0.25)]).is_err());
+    assert!(LoraSet::from_delta(&memory(0.5, 0.0), &Device::Cpu).is_err());
+    assert!(head.save(&std::env::temp_dir().join("engram-memory-save-refused")).is_err());
+    // Generation reads the same memory through the KV cache.
+    let mut cache = KvCache::new(&cfg);
+    let cached = head.forward_cached(&input, &mut cache, &ForwardOptions::default()).unwrap().logits;
+    assert!(max_abs_diff(&cached, &after.logits) < 1e-4);
+}

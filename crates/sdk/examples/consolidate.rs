@@ -14,7 +14,7 @@ struct Args {
     namespace: String,
     #[arg(
         long,
-        default_value = "<doc> Golhal Kineldley was born in Oskruswick . Golhal Kineldley works for Bryquocorp . </doc>"
+        default_value = "<doc> Golhal Kineldley was born in Oskruswick . Golhal Kineldley works for Bryquocorp . Golhal Kineldley has a pet eldmavet . </doc>"
     )]
     document: String,
     #[arg(long, default_value = "where does Golhal Kineldley work ?")]

@@ -28,7 +28,7 @@ pub struct WorkerConfig {
     pub id: String,
     /// The coordinator's address, `http://host:port`.
     pub coordinator: String,
-    /// Composition strategy (`memit`, `nullspace`, `naive`).
+    /// Composition strategy (`memit`, `memory`, `nullspace`, `naive`).
     pub strategy: String,
     /// Run the capability gate on every candidate (a job's `force` skips it).
     pub gate: bool,

@@ -1,0 +1,238 @@
+//! Side-memory composition: each injected person becomes one key-value entry read at the final residual.
+//!
+//! Why: a weight edit stores facts in a linear map whose key space is the edited layer's width, so MEMIT-style
+//! composition hits a ceiling of a few dozen people on this model however it is solved (ARCHITECTURE.md,
+//! "Composition, measured"). A memory entry needs no room in any weight: the thousandth is stored exactly like
+//! the first, and nothing before the head sees it, so entries cannot disturb each other's keys or the model's.
+//!
+//! For each person a document names, the candidate (the injector's delta) answers every trained question about
+//! them. The entry's key is the mean direction of those questions' final residuals at the last prompt token,
+//! centred on the protected texts' mean; a probe found that this direction identifies the person (98% top-1 among
+//! 1,000 people for a question phrasing never used to build the key) while a per-question key does not carry over to
+//! new phrasings (20%). The entry's value is one residual change, searched so the head gives the candidate's answer
+//! to all of those questions at once: the question's own residual already selects the attribute, so one vector
+//! serves every attribute and phrasing. Its threshold is the highest cosine any protected position (known facts,
+//! reading, skills) reaches against the key, so the entry stays silent on everything the model must keep.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+use candle_nn::Optimizer;
+use engram_lora::{Delta, Memory};
+use engram_model::{ForwardOptions, Kernels, Llama, LoraSet, Positions, Tokenizer};
+use engram_world::World;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{padded, token_rows};
+use crate::nullspace::protected_texts;
+use crate::Strategy;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    /// Adam steps, learning rate and the answer probability every question must reach to stop the value search.
+    pub search_steps: usize,
+    pub search_lr: f64,
+    pub search_stop_p: f64,
+    /// Added to each entry's threshold (the highest protected cosine): positive is safer, negative reaches further.
+    /// At 0 a known namesake's question, the very position that set the threshold, fired now and then on float
+    /// noise of another batch shape (known recall 0.97 at N=40); at 0.02, 5,000 entries still flipped 4 of 150
+    /// in-context answers the protected sample had not covered (locality 0.973 at N=1000); 0.05 kept every one
+    /// and cost 0.001 of reliability.
+    pub margin: f32,
+    /// One entry per fact (person and attribute) instead of one per person. A person's single value cannot raise
+    /// all five answers at once on this model (the search stalls at answer p 0.03-0.9), while a fact's value reaches
+    /// its answer at once; a person-level key carries over to new phrasings better, but on this base model those
+    /// are capped by its reading of them anyway.
+    pub per_fact: bool,
+    pub protected_samples: usize,
+    pub seed: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            search_steps: 200,
+            search_lr: 0.5,
+            search_stop_p: 0.9,
+            margin: 0.05,
+            per_fact: true,
+            protected_samples: 400,
+            seed: 0x5AFE,
+        }
+    }
+}
+
+pub struct SideMemoryStrategy {
+    cfg: MemoryConfig,
+    world: World,
+    tokenizer: Tokenizer,
+    base: Llama,
+    /// The protected positions' mean final residual (`1 x hidden`): keys are directions from it.
+    mean: Tensor,
+    /// Every protected position's centred, unit-length final residual (`positions x hidden`).
+    protected: Tensor,
+    profile: bool,
+}
+
+/// Rows scaled to unit length.
+fn unit(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    Ok(x.broadcast_div(&n)?)
+}
+
+/// `x - mean`, rows scaled to unit length.
+fn directions(x: &Tensor, mean: &Tensor) -> Result<Tensor> {
+    unit(&x.broadcast_sub(mean)?)
+}
+
+/// Final residuals (before the last norm) of `rows`, at every position or only each row's last one.
+fn final_residuals(model: &Llama, rows: &[Vec<u32>], pad: u32, last_only: bool) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    for batch in rows.chunks(32) {
+        let (ids, t) = padded(batch.iter().map(Vec::as_slice), pad, model.device())?;
+        let keep: Vec<u32> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                let from = if last_only { r.len() - 1 } else { 0 };
+                (from..r.len()).map(move |p| (i * t + p) as u32)
+            })
+            .collect();
+        let opts = ForwardOptions { kernels: Kernels::Fused, capture_residuals: true, ..Default::default() };
+        let out = model.forward(&ids, &Positions::From(0), &opts)?;
+        let r = out.residuals.last().context("no residuals captured")?;
+        parts.push(r.reshape(((), r.dim(2)?))?.index_select(&Tensor::new(keep.as_slice(), model.device())?, 0)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
+}
+
+impl SideMemoryStrategy {
+    /// Measures the protected positions' final residuals on `base` (tens of seconds on a CPU).
+    pub fn new(base: &Llama, tokenizer: &Tokenizer, cfg: MemoryConfig) -> Result<Self> {
+        let world = World::new();
+        let pad = tokenizer.token_to_id("<pad>").context("tokenizer has no <pad>")?;
+        let rows = token_rows(base, tokenizer, &protected_texts(&world, cfg.protected_samples, cfg.seed))?;
+        let x = final_residuals(base, &rows, pad, false)?;
+        let mean = x.mean_keepdim(0)?;
+        let protected = directions(&x, &mean)?;
+        Ok(Self {
+            cfg,
+            world,
+            tokenizer: tokenizer.clone(),
+            base: base.clone(),
+            mean,
+            protected,
+            profile: std::env::var_os("ENGRAM_PROFILE").is_some(),
+        })
+    }
+
+    pub fn config(&self) -> &MemoryConfig {
+        &self.cfg
+    }
+
+    /// The change `v` of the normed final residual after which `head` gives `answers[i]` at every `x[i]` (final
+    /// residuals, `questions x hidden`), and the lowest answer probability reached. The logits are linear in `v`, so
+    /// one vector can raise the person's answer to every attribute at once; each question's own logits pick the
+    /// attribute.
+    fn search(&self, head: &Llama, x: &Tensor, answers: &[u32]) -> Result<(Tensor, f32)> {
+        let dev = x.device();
+        let wanted = Tensor::new(answers, dev)?.unsqueeze(1)?;
+        let v = candle_core::Var::zeros((1, x.dim(1)?), DType::F32, dev)?;
+        let mut opt = candle_nn::AdamW::new(
+            vec![v.clone()],
+            candle_nn::ParamsAdamW { lr: self.cfg.search_lr, weight_decay: 0.0, ..Default::default() },
+        )?;
+        let normed = head.final_norm(x)?.detach();
+        let mut reached = 0f32;
+        for _ in 0..=self.cfg.search_steps {
+            let logits = head.normed_logits(&normed.broadcast_add(v.as_tensor())?)?;
+            let picked = candle_nn::ops::log_softmax(&logits, 1)?.gather(&wanted, 1)?;
+            reached = picked.min_all()?.to_scalar::<f32>()?.exp();
+            if reached >= self.cfg.search_stop_p as f32 {
+                break;
+            }
+            opt.backward_step(&picked.mean_all()?.neg()?)?;
+        }
+        Ok((v.as_tensor().clone(), reached))
+    }
+}
+
+impl Strategy for SideMemoryStrategy {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn compose(&mut self, head: &Llama, document: &str, candidate: Delta) -> Result<Delta> {
+        let names = self.world.names_in(document);
+        if names.is_empty() {
+            bail!("the document names nobody; the memory strategy has no questions to fit");
+        }
+        let tok = &self.tokenizer;
+        let eos = tok.token_to_id("<eos>").context("tokenizer has no <eos>")?;
+        let pad = tok.token_to_id("<pad>").context("tokenizer has no <pad>")?;
+        let lora = LoraSet::from_delta(&candidate, head.device())?;
+        let hidden = head.config().hidden_size;
+        let (mut keys, mut values, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
+        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        for name in &names {
+            let questions = self.world.questions_about(name);
+            if self.cfg.per_fact {
+                for a in engram_world::Attribute::ALL {
+                    let qs = questions.iter().filter(|(b, _)| *b == a).map(|(_, q)| q.clone()).collect();
+                    groups.push((format!("{name} {}", a.name()), qs));
+                }
+            } else {
+                groups.push((name.clone(), questions.into_iter().map(|(_, q)| q).collect()));
+            }
+        }
+        for (name, questions) in &groups {
+            let t0 = std::time::Instant::now();
+            let prompts: Vec<Vec<u32>> = questions
+                .iter()
+                .map(|q| engram_model::encode(tok, &format!("<bos> {q}")))
+                .collect::<std::result::Result<_, _>>()?;
+            // The candidate's answer to each question is what the entry must make the head say.
+            let answers: Vec<u32> = prompts
+                .iter()
+                .map(|p| {
+                    // The candidate was made for the base model, and earlier entries must not answer for it.
+                    let out = self.base.generate_greedy(p, 1, eos, Some(&lora))?;
+                    out.first().copied().context("the candidate generated nothing")
+                })
+                .collect::<Result<_>>()?;
+            // The memory changes no residual; matching its entries would only make each injection cost O(N).
+            let x = final_residuals(&head.without_memory(), &prompts, pad, true)?;
+            let (v, reached) = self.search(head, &x, &answers)?;
+            let key = unit(&directions(&x, &self.mean)?.mean_keepdim(0)?)?;
+            let protected_max = self.protected.matmul(&key.t()?)?.max_all()?.to_scalar::<f32>()?;
+            let threshold = (protected_max + self.cfg.margin).clamp(-1.0, 1.0);
+            if self.profile {
+                let own = directions(&x, &self.mean)?.matmul(&key.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+                let covered = own.iter().filter(|&&s| s > threshold).count();
+                eprintln!(
+                    "memory {name}: answer p min {reached:.3}, |v| {:.2}, threshold {threshold:.3}, own questions above it \
+                     {covered}/{}, {:?}",
+                    v.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt(),
+                    own.len(),
+                    t0.elapsed()
+                );
+            }
+            keys.extend(key.flatten_all()?.to_vec1::<f32>()?);
+            values.extend(v.flatten_all()?.to_vec1::<f32>()?);
+            thresholds.push(threshold);
+        }
+        let mean = self.mean.flatten_all()?.to_vec1::<f32>()?;
+        let memory = Memory { hidden, mean, keys, values, thresholds };
+        memory.check()?;
+        let meta = engram_lora::Meta {
+            scale: 1.0,
+            injector_version: format!("{} composed=memory", candidate.meta.injector_version),
+            ..candidate.meta
+        };
+        Ok(Delta { meta, adapters: Default::default(), memory: Some(memory) })
+    }
+
+    fn accepted(&mut self, _head: &Llama, _document: &str) -> Result<()> {
+        // Entries live in the chain itself; nothing here depends on which were accepted.
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! The side memory a chain of `memory`-strategy deltas builds (see `engram_lora::Memory`): entries read at the
+//! final residual: matched before the final norm, added after it.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::{ModelError, Result};
+
+/// A chain's memory entries as tensors, ready to apply.
+#[derive(Debug, Clone)]
+pub struct SideMemory {
+    /// `1 x hidden`.
+    mean: Tensor,
+    /// `entries x hidden`, unit rows.
+    keys: Tensor,
+    /// `entries x hidden`.
+    values: Tensor,
+    /// `entries`.
+    thresholds: Tensor,
+    entries: usize,
+}
+
+impl SideMemory {
+    pub fn new(m: &engram_lora::Memory, hidden: usize, device: &Device) -> Result<Self> {
+        m.check().map_err(|e| ModelError::Lora(e.to_string()))?;
+        if m.hidden != hidden {
+            return Err(ModelError::Lora(format!(
+                "memory entries are for hidden size {}, the model's is {hidden}",
+                m.hidden
+            )));
+        }
+        let n = m.entries();
+        Ok(Self {
+            mean: Tensor::from_vec(m.mean.clone(), (1, hidden), device)?,
+            keys: Tensor::from_vec(m.keys.clone(), (n, hidden), device)?,
+            values: Tensor::from_vec(m.values.clone(), (n, hidden), device)?,
+            thresholds: Tensor::from_vec(m.thresholds.clone(), n, device)?,
+            entries: n,
+        })
+    }
+
+    /// These entries followed by `other`'s; both must be measured from the same centre.
+    pub fn joined(&self, other: &SideMemory) -> Result<SideMemory> {
+        let same = self.mean.sub(&other.mean)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+        if !same || self.mean.dims() != other.mean.dims() {
+            return Err(ModelError::Lora(
+                "memories measured from different centres (another base model or strategy configuration) cannot be \
+                 joined"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            mean: self.mean.clone(),
+            keys: Tensor::cat(&[&self.keys, &other.keys], 0)?,
+            values: Tensor::cat(&[&self.values, &other.values], 0)?,
+            thresholds: Tensor::cat(&[&self.thresholds, &other.thresholds], 0)?,
+            entries: self.entries + other.entries,
+        })
+    }
+
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// What the memory adds at every position of `x` (final residuals, `batch x seq x hidden`, before the final
+    /// norm): the value of the best-matching entry when its cosine exceeds that entry's threshold, else zero. One
+    /// entry at most per position: a person's value is tuned alone. The caller adds it after the final norm.
+    pub fn added(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let flat = x.reshape((b * t, d))?.to_dtype(DType::F32)?;
+        let centred = flat.broadcast_sub(&self.mean)?;
+        let norm = centred.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+        let scores = centred.matmul(&self.keys.t()?)?.broadcast_div(&norm)?;
+        let best = scores.argmax(D::Minus1)?;
+        let score = scores.max(D::Minus1)?;
+        let fire = score.gt(&self.thresholds.index_select(&best, 0)?)?.to_dtype(DType::F32)?;
+        let add = self.values.index_select(&best, 0)?.broadcast_mul(&fire.unsqueeze(1)?)?;
+        Ok(add.reshape((b, t, d))?.to_dtype(x.dtype())?)
+    }
+}
