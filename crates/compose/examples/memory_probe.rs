@@ -188,6 +188,17 @@ fn report(l: usize, whiten: bool, kt: &Tensor, kh: &Tensor, kn: &Tensor, ko: &Te
         .count() as f64
         / h.nrows() as f64;
     let _ = ep;
+    // Held-out: right attribute when the person is given (argmax over that person's five fact keys).
+    let attr_given_person = sh
+        .row_iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            let p = i / 5;
+            (0..5).map(|a| (a, r[p * 5 + a])).fold((0, f64::MIN), |b, x| if x.1 > b.1 { x } else { b }).0 == i % 5
+        })
+        .count() as f64
+        / h.nrows() as f64;
+    println!("  right attribute given the person {attr_given_person:.3}");
     println!("  per-person top1 heldout {person_gen:.3}; right person given the attribute {attr_gen:.3}");
     let best = |m: &DMatrix<f64>| -> Vec<(usize, f64)> {
         (m * pe.transpose())
