@@ -36,7 +36,7 @@ pub struct MemoryConfig {
     /// At 0 a known namesake's question, the very position that set the threshold, fired now and then on float
     /// noise of another batch shape (known recall 0.97 at N=40); at 0.02, 5,000 entries still flipped 4 of 150
     /// in-context answers the protected sample had not covered (locality 0.973 at N=1000); 0.05 kept every one
-    /// and cost 0.001 of reliability.
+    /// at N=1000 for 0.001 of reliability but lost 2 of 150 at N=3000 (15,000 entries); 0.08 keeps 0.993 there.
     pub margin: f32,
     /// One entry per fact (person and attribute) instead of one per person. A person's single value cannot raise
     /// all five answers at once on this model (the search stalls at answer p 0.03-0.9), while a fact's value reaches
@@ -53,7 +53,7 @@ impl Default for MemoryConfig {
             search_steps: 200,
             search_lr: 0.5,
             search_stop_p: 0.9,
-            margin: 0.05,
+            margin: 0.08,
             per_fact: true,
             protected_samples: 400,
             seed: 0x5AFE,
