@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::Args;
 use engram_proto::v1::StageTarget;
@@ -409,5 +409,6 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
 }
 
 fn free_addr() -> Result<String> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+    let port = engram_lineage::local_etcd::free_loopback_port().ok_or_else(|| anyhow!("no free loopback port"))?;
+    Ok(format!("127.0.0.1:{port}"))
 }

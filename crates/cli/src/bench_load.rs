@@ -76,7 +76,7 @@ fn spawn(args: &[String], log: &Path) -> Result<Proc> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    engram_lineage::local_etcd::free_loopback_port().ok_or_else(|| anyhow::anyhow!("no free loopback port"))
 }
 
 #[derive(Serialize, Default, Clone)]

@@ -18,8 +18,39 @@ pub struct LocalEtcd {
 }
 
 fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Unavailable(format!("no free loopback port: {e}")))?;
-    Ok(l.local_addr().map_err(|e| Error::Unavailable(e.to_string()))?.port())
+    free_loopback_port().ok_or_else(|| Error::Unavailable("no free loopback port below the ephemeral range".into()))
+}
+
+/// A loopback port that is free now, for a server a test or benchmark starts next.
+///
+/// Port 0 cannot be used for that: the kernel hands the port it picked to the next outbound connection as soon as the
+/// probing listener closes, and one CI run lost a 3-member etcd to exactly that ("bind: address already in use").
+/// So ports come from below the ephemeral range, which the kernel never assigns by itself, starting at an offset drawn
+/// from the process id and clock (parallel test processes spread out) and stepping on through a process-wide
+/// counter (parallel tests in one process never get the same port twice).
+pub fn free_loopback_port() -> Option<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static OFFSET: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FLOOR: u32 = 20_000;
+    let ceiling = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|&lo| lo > FLOOR + 1_000)
+        .unwrap_or(32_768);
+    let span = ceiling - FLOOR;
+    let offset = *OFFSET.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(2_654_435_761).wrapping_add(nanos)
+    });
+    for _ in 0..span {
+        let port = FLOOR + offset.wrapping_add(NEXT.fetch_add(1, Ordering::SeqCst)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Some(port as u16);
+        }
+    }
+    None
 }
 
 /// The etcd binary: `$ENGRAM_ETCD_BIN`, else `etcd` on the PATH.
@@ -44,6 +75,18 @@ pub fn etcd_available_for_tests() -> bool {
     false
 }
 
+/// Starts again on fresh ports when a port was taken between choosing it and etcd binding it (another process can
+/// still bind any port explicitly).
+fn retry_taken_ports<T>(mut start: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Err(Error::Unavailable(m)) if m.contains("address already in use") && tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
 impl LocalEtcd {
     pub fn start() -> Result<Self> {
         Self::start_also_on(&[])
@@ -51,11 +94,13 @@ impl LocalEtcd {
 
     /// Like [`LocalEtcd::start`], with the client port also listening on `hosts` (IPv4 addresses of this machine).
     pub fn start_also_on(hosts: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;
-        let also_on = hosts.iter().map(|h| h.to_string()).collect();
-        let mut me = Self { child: None, dir, client_port: free_port()?, peer_port: free_port()?, also_on };
-        me.spawn()?;
-        Ok(me)
+        retry_taken_ports(|| {
+            let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;
+            let also_on = hosts.iter().map(|h| h.to_string()).collect();
+            let mut me = Self { child: None, dir, client_port: free_port()?, peer_port: free_port()?, also_on };
+            me.spawn()?;
+            Ok(me)
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -153,6 +198,10 @@ pub struct LocalEtcdCluster {
 
 impl LocalEtcdCluster {
     pub fn start(n: usize) -> Result<Self> {
+        retry_taken_ports(|| Self::start_once(n))
+    }
+
+    fn start_once(n: usize) -> Result<Self> {
         let mut members = Vec::with_capacity(n);
         for _ in 0..n {
             let dir = tempfile::tempdir().map_err(|e| Error::Unavailable(format!("temporary directory: {e}")))?;

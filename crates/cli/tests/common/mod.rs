@@ -88,8 +88,9 @@ impl Drop for KeepLogsOnFailure {
     }
 }
 
+/// A free port for a server the test starts (below the ephemeral range: see `free_loopback_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    engram_lineage::local_etcd::free_loopback_port().expect("a free loopback port")
 }
 
 /// Waits until every replica reports itself ready and the coordinator lists them all.
