@@ -1,6 +1,7 @@
 //! `engram bench sequential`: N documents injected one after another, the state carried from each to the next the
 //! way the service carries a namespace's head (candidate from the injector, composed by the strategy, checked by
-//! the gate when one is configured, merged). Every `eval_every` documents it scores:
+//! the gate when one is configured, merged; a rejected document waits for the next consolidation, which offers it
+//! again on the head as it is then). Every `eval_every` documents it scores:
 //! - `reliability`: closed-book exact match on every fact injected so far (all trained phrasings);
 //! - `generalization`: the held-out question phrasing on the same facts;
 //! - `locality`: the base evaluation's `closed_book_known`, `icl_single`, `icl_multi` and `skills`, each relative
@@ -9,7 +10,7 @@
 //!
 //! Scoring is teacher-forced exact match ([`engram_eval::exact_match`]), the same verdict as greedy decoding.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -31,8 +32,9 @@ pub struct SequentialConfig {
     /// Probes per locality suite.
     pub locality_items: usize,
     pub gate: Option<GateConfig>,
-    /// Every this many accepted versions, the chain since the last compaction is replaced by one delta (their
-    /// sum), as a compaction version in the lineage would; 0 never compacts.
+    /// Every this many accepted versions a consolidation runs: documents the gate rejected since are offered again
+    /// on the head, then the chain since the last compaction is replaced by one delta (their sum), as a compaction
+    /// version in the lineage would; 0 never consolidates.
     pub compact_every: usize,
 }
 
@@ -58,7 +60,12 @@ pub struct Point {
     /// Documents submitted so far.
     pub documents: usize,
     pub accepted: usize,
+    /// Documents the gate turned away when first offered.
     pub rejected: usize,
+    /// Of those, documents accepted when a later consolidation offered them again.
+    pub readmitted: usize,
+    /// Documents waiting in the queue for the next consolidation (`accepted + queued == documents`).
+    pub queued: usize,
     /// Facts scored for reliability (every trained question about every submitted person).
     pub facts: usize,
     pub reliability: f64,
@@ -92,7 +99,7 @@ pub struct SequentialReport {
     pub setup_s: f64,
     pub curve: Vec<Point>,
     pub last: Point,
-    /// Gate verdicts of rejected candidates (document index, report).
+    /// Gate verdicts of rejected candidates (document index, report), retries included.
     pub rejections: Vec<(usize, GateReport)>,
     pub compactions: usize,
     /// Compaction time amortised over every accepted version, in milliseconds.
@@ -133,6 +140,58 @@ fn drift(head: &Llama, base: &Llama) -> Result<f64> {
     Ok((num / den).sqrt())
 }
 
+/// The state a namespace serves as the benchmark carries it: the head, the chain since the last compaction, and the
+/// gate's rolling canary.
+struct Served {
+    head: Llama,
+    chain: Vec<engram_lora::Delta>,
+    gate: Option<Gate>,
+    accepted: usize,
+}
+
+struct Offer {
+    /// The gate's verdict when it turned the document away.
+    rejected: Option<GateReport>,
+    inject_ms: f64,
+    /// Composition, merge, gate and the strategy's update.
+    compose_ms: f64,
+}
+
+impl Served {
+    /// One document the way the service handles a job: the injector's candidate, composed by the strategy on the
+    /// head, checked by the gate, and merged when it passes.
+    fn offer(
+        &mut self,
+        injector: &dyn Injector,
+        strategy: &mut dyn Strategy,
+        tok: &engram_model::Tokenizer,
+        doc: &str,
+        facts: &[Probe],
+    ) -> Result<Offer> {
+        let t0 = Instant::now();
+        let candidate = injector.inject(doc)?.delta;
+        let t1 = Instant::now();
+        let composed = strategy.compose(&self.head, doc, candidate)?;
+        let next = self.head.merged(&[&composed])?;
+        let verdict = self.gate.as_ref().map(|g| g.check(&next, tok)).transpose()?;
+        let rejected = match verdict {
+            Some(v) if !v.passed => Some(v),
+            _ => {
+                self.head = next;
+                self.chain.push(composed);
+                strategy.accepted(&self.head, doc)?;
+                if let Some(g) = self.gate.as_mut() {
+                    g.admit(&self.head, tok, facts)?;
+                }
+                self.accepted += 1;
+                None
+            }
+        };
+        let inject_ms = (t1 - t0).as_secs_f64() * 1e3;
+        Ok(Offer { rejected, inject_ms, compose_ms: t1.elapsed().as_secs_f64() * 1e3 })
+    }
+}
+
 /// Runs the benchmark. `setup_s` is what building `strategy` cost (reported, not timed here); `progress` gets a line
 /// per evaluation point.
 pub fn run(
@@ -163,17 +222,19 @@ pub fn run(
     for (name, probes) in &locality {
         base_scores.insert(name.to_string(), accuracy(&exact_match(llama, tok, None, probes)?));
     }
-    let mut gate = cfg.gate.clone().map(|g| Gate::new(llama, tok, g)).transpose()?;
+    let gate = cfg.gate.clone().map(|g| Gate::new(llama, tok, g)).transpose()?;
     let setup_s = setup_s + t_setup.elapsed().as_secs_f64();
 
-    let mut head = llama.clone();
-    // What a replica would apply: compactions, then the chain since the last one.
-    let (mut compacted, mut chain): (Vec<engram_lora::Delta>, Vec<engram_lora::Delta>) = (Vec::new(), Vec::new());
+    let mut served = Served { head: llama.clone(), chain: Vec::new(), gate, accepted: 0 };
+    // What a replica would apply: compactions, then the chain since the last one (`served.chain`).
+    let mut compacted: Vec<engram_lora::Delta> = Vec::new();
     let (mut compaction_s, mut compaction_err) = (0.0, 0.0f64);
     let (mut reliability, mut heldout) = (Vec::<Probe>::new(), Vec::<Probe>::new());
     let mut first_facts = 0;
-    let (mut accepted, mut rejected) = (0, 0);
+    let (mut rejected, mut readmitted) = (0, 0);
     let mut rejections = Vec::new();
+    // Documents the gate turned away, offered again at each consolidation: a rejection must not lose a document.
+    let mut queue: VecDeque<(usize, String, Vec<Probe>)> = VecDeque::new();
     let (mut inject_ms, mut compose_ms) = (0.0, 0.0);
     let mut window = 0;
     let mut curve = Vec::new();
@@ -186,67 +247,65 @@ pub fn run(
             first_facts = reliability.len();
         }
 
-        let t0 = Instant::now();
-        let candidate = injector.inject(&doc)?.delta;
-        let t1 = Instant::now();
-        let composed = strategy.compose(&head, &doc, candidate)?;
-        let next = head.merged(&[&composed])?;
-        let verdict = gate.as_ref().map(|g| g.check(&next, tok)).transpose()?;
-        match verdict {
-            Some(v) if !v.passed => {
-                rejected += 1;
-                rejections.push((i, v));
-            }
-            _ => {
-                head = next;
-                chain.push(composed);
-                strategy.accepted(&head, &doc)?;
-                if let Some(g) = gate.as_mut() {
-                    g.admit(&head, tok, &facts)?;
-                }
-                accepted += 1;
-            }
-        }
-        inject_ms += (t1 - t0).as_secs_f64() * 1e3;
-        compose_ms += t1.elapsed().as_secs_f64() * 1e3;
+        let offer = served.offer(injector, strategy, tok, &doc, &facts)?;
+        inject_ms += offer.inject_ms;
+        compose_ms += offer.compose_ms;
         window += 1;
-        if cfg.compact_every > 0 && chain.len() == cfg.compact_every {
+        if let Some(v) = offer.rejected {
+            rejected += 1;
+            rejections.push((i, v));
+            queue.push_back((i, doc, facts));
+        }
+        if cfg.compact_every > 0 && served.chain.len() >= cfg.compact_every {
             let t = Instant::now();
+            // The consolidation first offers the queued documents again, on the head as it is now.
+            for (j, doc, facts) in std::mem::take(&mut queue) {
+                match served.offer(injector, strategy, tok, &doc, &facts)?.rejected {
+                    None => readmitted += 1,
+                    Some(v) => {
+                        rejections.push((j, v));
+                        queue.push_back((j, doc, facts));
+                    }
+                }
+            }
+            let chain = std::mem::take(&mut served.chain);
             let meta = engram_lora::Meta { injector: "compaction".into(), ..chain[0].meta.clone() };
             compacted.push(engram_lora::Delta::compact(&chain.iter().collect::<Vec<_>>(), meta)?);
-            chain.clear();
             compaction_s += t.elapsed().as_secs_f64();
             // The served state rebuilt from the base: it must equal the head built version by version.
             let rebuilt = llama.merged(&compacted.iter().collect::<Vec<_>>())?;
             for l in 0..llama.config().num_hidden_layers {
-                let d = (rebuilt.weight(l, Module::Down) - head.weight(l, Module::Down))?;
+                let d = (rebuilt.weight(l, Module::Down) - served.head.weight(l, Module::Down))?;
                 compaction_err = compaction_err.max(d.abs()?.max_all()?.to_scalar::<f32>()? as f64);
             }
         }
 
         let done = i + 1;
         if done % cfg.eval_every == 0 || done == cfg.n {
-            let hits = exact_match(&head, tok, None, &reliability)?;
+            let head = &served.head;
+            let hits = exact_match(head, tok, None, &reliability)?;
             let mut by_suite = BTreeMap::new();
             for (name, probes) in &locality {
-                let acc = accuracy(&exact_match(&head, tok, None, probes)?);
+                let acc = accuracy(&exact_match(head, tok, None, probes)?);
                 by_suite.insert(name.to_string(), acc / base_scores[*name].max(1e-9));
             }
             let point = Point {
                 documents: done,
-                accepted,
+                accepted: served.accepted,
                 rejected,
+                readmitted,
+                queued: queue.len(),
                 facts: reliability.len(),
                 reliability: accuracy(&hits),
-                generalization: accuracy(&exact_match(&head, tok, None, &heldout)?),
+                generalization: accuracy(&exact_match(head, tok, None, &heldout)?),
                 locality: by_suite.values().copied().fold(f64::INFINITY, f64::min),
                 locality_by_suite: by_suite,
                 reliability_first: accuracy(&hits[..first_facts]),
-                drift: drift(&head, llama)?,
+                drift: drift(head, llama)?,
                 inject_ms: inject_ms / window as f64,
                 compose_ms: compose_ms / window as f64,
                 protected_dims: strategy.protected_dims(),
-                chain_length: compacted.len() + chain.len(),
+                chain_length: compacted.len() + served.chain.len(),
                 elapsed_s: start.elapsed().as_secs_f64(),
             };
             progress(&point);
@@ -254,8 +313,15 @@ pub fn run(
             (inject_ms, compose_ms, window) = (0.0, 0.0, 0);
         }
     }
-    let latency =
-        latency_check(llama, &head, &world, injector, strategy, &people[..cfg.n.min(5) * cfg.people_per_doc], cfg)?;
+    let latency = latency_check(
+        llama,
+        &served.head,
+        &world,
+        injector,
+        strategy,
+        &people[..cfg.n.min(5) * cfg.people_per_doc],
+        cfg,
+    )?;
     let last = curve.last().cloned().expect("n > 0 gives at least one point");
     Ok(SequentialReport {
         strategy: strategy.name().into(),
@@ -267,7 +333,7 @@ pub fn run(
         last,
         rejections,
         compactions: compacted.len(),
-        compaction_ms_per_version: compaction_s * 1e3 / accepted.max(1) as f64,
+        compaction_ms_per_version: compaction_s * 1e3 / served.accepted.max(1) as f64,
         compaction_max_error: compaction_err,
         latency,
         wall_s: start.elapsed().as_secs_f64(),
@@ -318,17 +384,19 @@ impl SequentialReport {
     pub fn csv(&self) -> String {
         let suites: Vec<&str> = LOCALITY.iter().map(|(n, _)| *n).collect();
         let mut s = format!(
-            "documents,accepted,rejected,facts,reliability,generalization,locality,{},reliability_first,drift,inject_ms,compose_ms,protected_dims,elapsed_s\n",
+            "documents,accepted,rejected,readmitted,queued,facts,reliability,generalization,locality,{},reliability_first,drift,inject_ms,compose_ms,protected_dims,elapsed_s\n",
             suites.join(",")
         );
         for p in &self.curve {
             let loc: Vec<String> = suites.iter().map(|n| format!("{:.4}", p.locality_by_suite[*n])).collect();
             let dims: Vec<String> = p.protected_dims.iter().map(|d| d.to_string()).collect();
             s += &format!(
-                "{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{:.4},{:.2},{:.2},{},{:.1}\n",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{:.4},{:.2},{:.2},{},{:.1}\n",
                 p.documents,
                 p.accepted,
                 p.rejected,
+                p.readmitted,
+                p.queued,
                 p.facts,
                 p.reliability,
                 p.generalization,
@@ -355,15 +423,28 @@ impl SequentialReport {
             if self.config.gate.is_some() { ", gated" } else { "" }
         );
         s += &format!(
-            "{:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9}\n",
-            "docs", "rej", "rel", "gen", "local", "known", "icl1", "icl4", "skills", "drift", "inject_ms", "compose_ms"
+            "{:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9}\n",
+            "docs",
+            "rej",
+            "queue",
+            "rel",
+            "gen",
+            "local",
+            "known",
+            "icl1",
+            "icl4",
+            "skills",
+            "drift",
+            "inject_ms",
+            "compose_ms"
         );
         for p in &self.curve {
             let l = &p.locality_by_suite;
             s += &format!(
-                "{:>6} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>6.3} {:>9.1} {:>9.1}\n",
+                "{:>6} {:>6} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>6.3} {:>9.1} {:>9.1}\n",
                 p.documents,
                 p.rejected,
+                p.queued,
                 p.reliability,
                 p.generalization,
                 p.locality,
