@@ -190,6 +190,7 @@ async fn backend(a: &ServiceBenchArgs, name: &str, store: String, dir: &std::pat
             stage_timeout_ms: 10_000,
             broadcast: "chain".into(),
             stage_chunk_kb: 1024,
+            compact_every: 100,
         },
     };
     let u = up(&up_args).await.with_context(|| format!("starting the {name} cluster"))?;

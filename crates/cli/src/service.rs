@@ -94,6 +94,10 @@ pub struct TimingArgs {
     /// Chunk size of a staged delta, KiB (each chunk carries its own SHA-256 and is relayed as soon as it arrived).
     #[arg(long, default_value_t = 1024)]
     pub(crate) stage_chunk_kb: usize,
+    /// Replace a namespace's chain by one compaction version every this many versions (replicas then rebuild a
+    /// head from the compactions and a short tail), offering documents the gate rejected meanwhile again; 0: never.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) compact_every: usize,
 }
 
 #[derive(Args, Clone)]
@@ -187,6 +191,7 @@ fn coordinator_config(t: &TimingArgs) -> engram_coordinator::CoordinatorConfig {
     engram_coordinator::CoordinatorConfig {
         lease_ttl: std::time::Duration::from_millis(t.lease_ms),
         stage_timeout: std::time::Duration::from_millis(t.stage_timeout_ms),
+        compact_every: t.compact_every,
         ..Default::default()
     }
 }

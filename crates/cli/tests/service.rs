@@ -99,7 +99,14 @@ fn completions(port: u16, ns: &str, head: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn engram_up_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
-    let (cp, rp, hp) = (free_port(), free_port(), free_port());
+    // `--replica-listen` and `--http` are each the first of three consecutive ports (one per replica).
+    let mut three = || {
+        let p = free_port();
+        let _next_two = (free_port(), free_port());
+        p
+    };
+    let (cp, hp, rp) = (free_port(), three(), three());
+    let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "engram_up_on_the_embedded_store");
     let _up = engram(
         &[
             "up",
@@ -117,6 +124,9 @@ async fn engram_up_on_the_embedded_store() {
             "e2e",
             "--http",
             &format!("127.0.0.1:{hp}"),
+            // Compactions under load: replicas stage them like any version, answers may come from them.
+            "--compact-every",
+            "8",
         ],
         &dir.path().join("up.log"),
     );

@@ -50,6 +50,7 @@ pub fn version(v: &lin::Version) -> pb::Version {
         metrics: v.gate_metrics.iter().map(|(k, x)| (k.clone(), *x)).collect(),
         created_by: v.creator.clone(),
         created_ms: v.created_at_ms as i64,
+        compacts: v.compacts.iter().map(|c| c.to_string()).collect(),
     }
 }
 

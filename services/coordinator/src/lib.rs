@@ -9,6 +9,8 @@
 //!   through a [`Broadcaster`]), then the head moves with one compare-and-swap and the replicas flip. A replica that
 //!   fails to stage is marked stale and catches up from the blob store by itself; it never blocks the others.
 //! - On start, every unfinished job in the store is resumed: nothing acknowledged is lost to a restart.
+//! - Every `compact_every` versions the chain is replaced by one compaction version, published like any other, and
+//!   documents the capability gate rejected on that chain are submitted again (see [`Coordinator::compact_if_due`]).
 #![forbid(unsafe_code)]
 
 pub mod convert;
@@ -36,6 +38,10 @@ pub struct CoordinatorConfig {
     pub max_document_bytes: usize,
     /// Recorded as the actor of head moves the coordinator makes on its own.
     pub actor: String,
+    /// When the chain above a namespace's last compaction reaches this many versions, the coordinator replaces it by
+    /// one compaction version (a replica then applies compactions plus a short tail, not every version ever made),
+    /// and offers the documents the gate rejected on that chain again. 0: never.
+    pub compact_every: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -46,6 +52,7 @@ impl Default for CoordinatorConfig {
             max_documents: 16,
             max_document_bytes: 64 * 1024,
             actor: "coordinator".into(),
+            compact_every: 100,
         }
     }
 }
@@ -77,6 +84,9 @@ struct State {
     next_lease: u64,
     /// Where the round-robin over namespaces continues.
     cursor: String,
+    /// Per namespace, the head last seen and how many versions lie above its last compaction: saves walking the
+    /// chain after every job.
+    uncompacted: HashMap<String, (VersionId, usize)>,
 }
 
 pub struct Coordinator {
@@ -624,6 +634,10 @@ impl Coordinator {
             match self.publish_once(&job).await {
                 Ok(j) => {
                     self.changed(&j);
+                    // Still holding the namespace: no job composes onto a head the compaction is about to replace.
+                    if let Err(e) = self.compact_if_due(&j.namespace).await {
+                        tracing::warn!(namespace = %j.namespace, "compaction failed; the chain stays as it is and is tried again after the next job: {e:#}");
+                    }
                     self.release(&j.namespace, &j.id);
                     return;
                 }
@@ -661,6 +675,128 @@ impl Coordinator {
         j.state = JobState::Live;
         j.updated_ms = lin::now_ms();
         Ok(self.store.update_job(j, JobState::Staging, job.attempts).await?)
+    }
+
+    /// The versions above the namespace's last compaction (or its base), newest first; at most `limit` of them
+    /// (0: all), which is enough to tell that a compaction is not due.
+    async fn uncompacted(&self, head: &VersionId, limit: usize) -> Result<Vec<lin::Version>> {
+        let mut chain = Vec::new();
+        let mut cur = Some(head.clone());
+        while let Some(id) = cur {
+            if limit > 0 && chain.len() == limit {
+                break;
+            }
+            let v = self.store.version(&id).await?;
+            if !v.compacts.is_empty() {
+                break;
+            }
+            cur = v.parent.clone();
+            chain.push(v);
+        }
+        Ok(chain)
+    }
+
+    /// After a version went live: when `compact_every` versions lie above the namespace's last compaction, offers
+    /// the documents the gate rejected while they were the head again (new jobs; the rejected ones stay final), then
+    /// replaces the chain by one compaction version and publishes it like a job's (staged everywhere, one head CAS).
+    /// It serves what the chain served, keeps the tip's composer state, and rollback still reaches every version it
+    /// replaced. A crash at any point leaves the chain as it was (a half-made compaction is an unpublished candidate,
+    /// and the re-offers are idempotent), so the next job's completion tries again.
+    pub async fn compact_if_due(&self, ns: &str) -> Result<()> {
+        let every = self.cfg.compact_every;
+        if every == 0 {
+            return Ok(());
+        }
+        let Some(head) = self.store.namespace(ns).await?.head else { return Ok(()) };
+        let known = self.state.lock().expect("state").uncompacted.get(ns).cloned();
+        let count = match known {
+            Some((h, n)) if h == head => n,
+            // One more above the head counted last (the usual case after a job): one read, not a walk.
+            Some((h, n)) if self.store.version(&head).await?.parent.as_ref() == Some(&h) && n + 1 < every => n + 1,
+            _ => self.uncompacted(&head, every).await?.len(),
+        };
+        if count < every {
+            self.state.lock().expect("state").uncompacted.insert(ns.to_string(), (head, count));
+            return Ok(());
+        }
+        let mut chain = self.uncompacted(&head, 0).await?;
+        chain.reverse();
+        let parent = chain[0].parent.clone();
+        let t = Instant::now();
+        self.reoffer_rejected(ns, parent.as_ref(), &chain).await?;
+        let mut deltas = Vec::with_capacity(chain.len());
+        for v in &chain {
+            let bytes = self.blobs.get(&v.delta_hash).await?;
+            deltas.push(
+                engram_lora::Delta::decode(&bytes).with_context(|| format!("delta of version {}", v.id.short()))?,
+            );
+        }
+        let n = chain.len();
+        let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+            let meta = engram_lora::Meta {
+                injector: "compaction".into(),
+                injector_version: format!("{n} versions"),
+                ..deltas[0].meta.clone()
+            };
+            Ok(engram_lora::Delta::compact(&deltas.iter().collect::<Vec<_>>(), meta)?.encode()?)
+        })
+        .await
+        .context("compaction task")??;
+        let delta_size = bytes.len() as u64;
+        let delta_hash = self.blobs.put(bytes.into()).await?;
+        let tip = chain.last().expect("n >= every > 0");
+        let new = NewVersion {
+            namespace: ns.to_string(),
+            parent: parent.clone(),
+            delta_hash,
+            delta_size,
+            injector: "compaction".into(),
+            document_digests: chain.iter().flat_map(|v| v.document_digests.iter().cloned()).collect(),
+            creator: format!("{}:compaction", self.cfg.actor),
+            // The same served state: a worker composing onto the compaction continues from the tip's state.
+            composer_state: tip.composer_state.clone(),
+            compacts: chain.iter().map(|v| v.id.clone()).collect(),
+            ..Default::default()
+        };
+        let id = VersionId::derive(parent.as_ref(), &new.delta_hash, &tip.base_model);
+        let v = match self.store.create_version(new).await {
+            Ok(v) => v,
+            Err(lin::Error::AlreadyExists(_)) => self.store.version(&id).await?,
+            Err(e) => return Err(e.into()),
+        };
+        if v.status == lin::Status::Candidate {
+            let actor = format!("{}:compaction", self.cfg.actor);
+            self.stage_and_promote(ns, &v, Some(&tip.id), &actor).await?;
+        }
+        self.state.lock().expect("state").uncompacted.insert(ns.to_string(), (v.id.clone(), 0));
+        tracing::info!(namespace = ns, version = %v.id.short(), "compacted {n} versions in {:?}", t.elapsed());
+        Ok(())
+    }
+
+    /// Submits again, as new jobs, the documents of jobs the gate rejected on `parent` or on a version of `chain`
+    /// (idempotency key `reoffer:<job>`, so a crash and a second try submit nothing twice).
+    async fn reoffer_rejected(&self, ns: &str, parent: Option<&VersionId>, chain: &[lin::Version]) -> Result<()> {
+        let heads: HashSet<Option<VersionId>> =
+            std::iter::once(parent.cloned()).chain(chain.iter().map(|v| Some(v.id.clone()))).collect();
+        for job in self.store.jobs().await? {
+            if job.namespace != ns || job.state != JobState::Rejected || !heads.contains(&job.base_head) {
+                continue;
+            }
+            let again = Job::new(
+                ns,
+                &format!("reoffer:{}", job.id),
+                job.documents.clone(),
+                job.options.clone(),
+                &format!("{}:reoffer", self.cfg.actor),
+            );
+            let (again, created) = self.store.submit_job(again).await?;
+            if created {
+                tracing::info!(namespace = ns, job = %job.id, again = %again.id, "rejected documents offered again");
+                self.enqueue(&again, false);
+                self.changed(&again);
+            }
+        }
+        Ok(())
     }
 
     /// Every 100 ms: forgets members whose lease lapsed and re-queues the jobs of lapsed workers.

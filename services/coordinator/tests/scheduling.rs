@@ -21,6 +21,13 @@ struct Cluster {
 }
 
 async fn start(store: Option<(Arc<dyn LineageStore>, BlobStore, tempfile::TempDir)>) -> Cluster {
+    start_with(store, CoordinatorConfig::default()).await
+}
+
+async fn start_with(
+    store: Option<(Arc<dyn LineageStore>, BlobStore, tempfile::TempDir)>,
+    cfg: CoordinatorConfig,
+) -> Cluster {
     let (store, blobs, dir) = match store {
         Some(s) => s,
         None => {
@@ -31,7 +38,7 @@ async fn start(store: Option<(Arc<dyn LineageStore>, BlobStore, tempfile::TempDi
             (store, BlobStore::open("memory://").unwrap(), dir)
         }
     };
-    let cfg = CoordinatorConfig { lease_ttl: Duration::from_millis(400), ..Default::default() };
+    let cfg = CoordinatorConfig { lease_ttl: Duration::from_millis(400), ..cfg };
     let c = Coordinator::new(cfg, store.clone(), blobs.clone(), Arc::new(engram_transport::GrpcStream::default()));
     c.recover().await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -205,4 +212,87 @@ async fn a_new_coordinator_resumes_unfinished_jobs() {
     assert_eq!(seen, want);
     wait_state(&store, &queued.id, Live).await;
     wait_state(&store, &running.id, Live).await;
+}
+
+/// A real (tiny) delta: layer 0's down projection, rank 1, entries from `x`.
+async fn lora_delta(blobs: &BlobStore, x: f32) -> (pb::DeltaRef, engram_lora::Delta) {
+    let meta = engram_lora::Meta { base_model: BASE.into(), scale: 1.0, injector: "fake".into(), ..Default::default() };
+    let factors = engram_lora::Factors::new(1, 3, 2, vec![x, 1.0, -x], vec![0.5, x]).unwrap();
+    let d = engram_lora::Delta { meta, adapters: [((0, "down".to_string()), factors)].into(), memory: None };
+    let bytes = d.encode().unwrap();
+    let hash = blobs.put(bytes.clone().into()).await.unwrap();
+    (pb::DeltaRef { hash, bytes: bytes.len() as u64, injector: "fake".into() }, d)
+}
+
+/// Every third version the chain is replaced by one compaction version that sums it exactly, becomes the head,
+/// and can be rolled back through; a document the gate rejected on that chain is submitted again as a new job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_is_compacted_and_rejected_documents_are_offered_again() {
+    use engram_lineage::JobState::*;
+    use pb::complete_job_request::Outcome;
+    let c = start_with(None, CoordinatorConfig { compact_every: 3, ..Default::default() }).await;
+    let (mut w, lease) = worker(&c.address, "w").await;
+    let mut live = Vec::new();
+    let mut deltas = Vec::new();
+    let mut rejected_job = None;
+    // Four jobs: the second is rejected, the other three go live.
+    for (i, x) in [1.0f32, 2.0, 3.0, 4.0].into_iter().enumerate() {
+        let job = c.coordinator.consolidate(request("ns", &format!("c{i}"))).await.unwrap();
+        let got = next(&mut w, "w", lease, 1000).await;
+        assert_eq!(got.job.as_ref().unwrap().id, job.id);
+        let (r, d) = lora_delta(&c.blobs, x).await;
+        let mut req = complete("w", lease, &got, Outcome::Delta(r));
+        if i == 1 {
+            req.rejected = true;
+            w.complete_job(req).await.unwrap();
+            rejected_job = Some(wait_state(&c.store, &job.id, Rejected).await);
+            continue;
+        }
+        w.complete_job(req).await.unwrap();
+        live.push(wait_state(&c.store, &job.id, Live).await.version.unwrap());
+        deltas.push(d);
+    }
+    // The third live version made the chain three long: the compaction follows before the namespace is free.
+    let mut head = None;
+    for _ in 0..100 {
+        head = c.store.namespace("ns").await.unwrap().head;
+        if head.as_ref() != live.last() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let k = c.store.version(head.as_ref().unwrap()).await.unwrap();
+    assert_eq!(k.compacts, live, "the compaction names the chain it replaces, oldest first");
+    assert_eq!(k.parent, None, "built on the base, like the chain's first version");
+    assert_eq!(k.status, engram_lineage::Status::Live);
+    // Its delta is the chain's sum.
+    let compacted = engram_lora::Delta::decode(&c.blobs.get(&k.delta_hash).await.unwrap()).unwrap();
+    let want: Vec<f32> = (0..6).map(|i| deltas.iter().map(|d| d.dense(0, "down").unwrap()[i]).sum()).collect();
+    let got = compacted.dense(0, "down").unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{got:?} != {want:?}");
+    // The rejected document is queued again as a new job (once), composed onto the compaction.
+    let rejected = rejected_job.unwrap();
+    let again = c
+        .store
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.idempotency_key == format!("reoffer:{}", rejected.id))
+        .collect::<Vec<_>>();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].documents, rejected.documents);
+    let got = next(&mut w, "w", lease, 1000).await;
+    assert_eq!(got.job.as_ref().unwrap().id, again[0].id);
+    assert_eq!(got.head, k.id.to_string(), "the re-offered document composes onto the compaction");
+    let (r, _) = lora_delta(&c.blobs, 5.0).await;
+    w.complete_job(complete("w", lease, &got, Outcome::Delta(r))).await.unwrap();
+    let v = wait_state(&c.store, &again[0].id, Live).await.version.unwrap();
+    assert_eq!(c.store.version(&v).await.unwrap().parent, Some(k.id.clone()));
+    // Rollback reaches a version inside the compacted chain.
+    c.coordinator
+        .rollback(pb::RollbackRequest { namespace: "ns".into(), to: live[0].to_string(), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(c.store.namespace("ns").await.unwrap().head, Some(live[0].clone()));
 }

@@ -192,17 +192,33 @@ pub async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Ou
     assert_eq!(ids.len(), docs_n, "jobs were duplicated or merged");
     let log = client.versions(ns, 0).await.unwrap();
     let by_id: HashMap<&str, &pb::Version> = log.versions.iter().map(|v| (v.id.as_str(), v)).collect();
-    // The live line, oldest first.
+    // The live line, oldest first. A compaction follows the chain it replaced (it went live after its last one).
     let mut chain = Vec::new();
     let mut cur = log.head.clone();
     while !cur.is_empty() {
         let v = by_id[cur.as_str()];
         chain.push(v.id.clone());
-        cur = v.parent.clone();
+        cur = v.compacts.last().unwrap_or(&v.parent).clone();
     }
     chain.reverse();
-    assert_eq!(chain.len(), docs_n, "the head's chain has {} versions for {docs_n} jobs", chain.len());
-    let chain_jobs: HashSet<&str> = chain.iter().map(|v| by_id[v.as_str()].job.as_str()).collect();
+    let compactions = chain.iter().filter(|v| !by_id[v.as_str()].compacts.is_empty()).count();
+    assert_eq!(
+        chain.len() - compactions,
+        docs_n,
+        "the head's chain has {} versions ({compactions} compactions) for {docs_n} jobs",
+        chain.len()
+    );
+    for (i, v) in chain.iter().enumerate() {
+        let compacts = &by_id[v.as_str()].compacts;
+        // A compaction replaces exactly the versions just before it on the line, down to the previous compaction.
+        if !compacts.is_empty() {
+            let from = i - compacts.len();
+            assert_eq!(&chain[from..i], compacts.as_slice(), "compaction {v} names another chain");
+            assert!(chain[..from].last().is_none_or(|p| !by_id[p.as_str()].compacts.is_empty()));
+        }
+    }
+    let chain_jobs: HashSet<&str> =
+        chain.iter().map(|v| by_id[v.as_str()].job.as_str()).filter(|j| !j.is_empty()).collect();
     assert_eq!(chain_jobs, ids, "the chain's versions do not come from exactly the submitted jobs");
     for j in &out.jobs {
         assert!(chain.contains(&j.version), "job {}'s version {} is not on the live line", j.id, j.version);
@@ -226,7 +242,15 @@ pub async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Ou
     }
 
     // Answers: each from a version on the live line, never behind the newest one seen by more than one step.
-    let index: HashMap<&str, usize> = chain.iter().enumerate().map(|(i, v)| (v.as_str(), i + 1)).collect();
+    // A compaction serves what the last version it replaced served: the same step on the line.
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut step = 0;
+    for v in &chain {
+        if by_id[v.as_str()].compacts.is_empty() {
+            step += 1;
+        }
+        index.insert(v.as_str(), step);
+    }
     let mut newest = 0;
     assert!(out.answers.len() >= 10, "only {} answers during the run", out.answers.len());
     for (n, v) in out.answers.iter().enumerate() {
@@ -239,7 +263,7 @@ pub async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Ou
         newest = newest.max(i);
     }
     eprintln!(
-        "{} jobs live, {} answers from {} distinct versions",
+        "{} jobs live, {compactions} compactions, {} answers from {} distinct versions",
         out.jobs.len(),
         out.answers.len(),
         out.answers.iter().collect::<HashSet<_>>().len()
