@@ -100,7 +100,7 @@ fn completions(port: u16, ns: &str, head: &str) {
 async fn engram_up_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
     // `--replica-listen` and `--http` are each the first of three consecutive ports (one per replica).
-    let mut three = || {
+    let three = || {
         let p = free_port();
         let _next_two = (free_port(), free_port());
         p
