@@ -29,7 +29,8 @@ async fn a_middle_replica_of_a_chain_killed_mid_broadcast_is_routed_around() {
     let store = etcd.url("/engram-chain");
     let slow = vec![("ENGRAM_FAULT_RELAY_DELAY_MS", "40")];
     let extra = ["--broadcast", "chain", "--stage-chunk-kb", "64", "--stage-timeout-ms", "30000"];
-    let (mut procs, coordinators, replicas) = cluster(&store, dir.path(), 1, &extra, 1, &vec![slow; 5]);
+    let (mut procs, coordinators, replicas) =
+        cluster_with(&store, dir.path(), 1, &extra, 1, &LARGE_DELTAS, &vec![slow; 5]);
     let client = Client::connect(&coordinators).await.unwrap();
     namespace(&client, "chain").await;
     wait_ready(&client, 5).await;
@@ -97,7 +98,8 @@ async fn a_chunk_corrupted_on_the_way_is_refused_and_sent_again() {
     let store = etcd.url("/engram-corrupt");
     let corrupting = vec![("ENGRAM_FAULT_CORRUPT_CHUNK", "3")];
     let extra = ["--broadcast", "chain", "--stage-chunk-kb", "64"];
-    let (procs, coordinators, replicas) = cluster(&store, dir.path(), 1, &extra, 1, &[corrupting, vec![], vec![]]);
+    let (procs, coordinators, replicas) =
+        cluster_with(&store, dir.path(), 1, &extra, 1, &LARGE_DELTAS, &[corrupting, vec![], vec![]]);
     let client = Client::connect(&coordinators).await.unwrap();
     namespace(&client, "corrupt").await;
     wait_ready(&client, 3).await;

@@ -214,6 +214,23 @@ fn cluster(
     workers: usize,
     replica_env: &[Vec<(&str, &str)>],
 ) -> (Vec<Proc>, String, Vec<String>) {
+    cluster_with(store, dir, coordinators, coordinator_extra, workers, &[], replica_env)
+}
+
+/// Workers composing with memit: a ~1 MB delta and a ~7 MB composer state per job, for the scenarios that need
+/// bytes in flight or on disk (the default memory strategy writes a few KB).
+const LARGE_DELTAS: [&str; 2] = ["--strategy", "memit"];
+
+/// [`cluster`] with extra worker arguments.
+fn cluster_with(
+    store: &str,
+    dir: &std::path::Path,
+    coordinators: usize,
+    coordinator_extra: &[&str],
+    workers: usize,
+    worker_extra: &[&str],
+    replica_env: &[Vec<(&str, &str)>],
+) -> (Vec<Proc>, String, Vec<String>) {
     let blobs = format!("file://{}", dir.join("blobs").display());
     let common = ["--store", store, "--blobs", blobs.as_str()];
     let log = |n: &str| dir.join(format!("{n}.log"));
@@ -244,7 +261,7 @@ fn cluster(
     for i in 0..workers {
         let id = format!("worker-{i}");
         procs.push(engram(
-            &[&["serve", "worker", "--coordinator", &both, "--id", &id][..], &common].concat(),
+            &[&["serve", "worker", "--coordinator", &both, "--id", &id][..], worker_extra, &common].concat(),
             &log(&id),
         ));
     }
@@ -375,7 +392,7 @@ async fn a_full_blob_disk_fails_jobs_cleanly_and_recovery_follows() {
     }
     let _unmount = Unmount(blobs.clone());
     let store = etcd.url("/engram-full");
-    let (procs, coordinator, replicas) = cluster(&store, dir.path(), 1, &[], 1, &[vec![], vec![]]);
+    let (procs, coordinator, replicas) = cluster_with(&store, dir.path(), 1, &[], 1, &LARGE_DELTAS, &[vec![], vec![]]);
     let client = Client::connect(&coordinator).await.unwrap();
     namespace(&client, "full").await;
     wait_ready(&client, 2).await;

@@ -106,8 +106,9 @@ pub struct EngineArgs {
     pub(crate) model: PathBuf,
     #[arg(long, default_value = "models/hypernet")]
     pub(crate) hypernet: PathBuf,
-    /// How each delta joins the chain: memit (default), memory (one side-memory entry per fact), nullspace or naive.
-    #[arg(long, default_value = "memit")]
+    /// How each delta joins the chain: memory (default: one side-memory entry per fact, no weight moves; holds
+    /// thousands of documents), memit (one least-squares weight edit; holds about fifty people), nullspace or naive.
+    #[arg(long, default_value = "memory")]
     pub(crate) strategy: String,
     /// Run the capability gate on every candidate (a job's `force` option skips it).
     #[arg(long)]
@@ -121,7 +122,8 @@ pub struct EngineArgs {
     /// cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
-    /// Cache of the strategy's initial state per base model (measuring its protected keys takes ~30 s).
+    /// Cache of the strategy's setup per base model (measuring its protected positions takes ~30 s; about 100 MB
+    /// for the memory strategy on the shipped model).
     #[arg(long, env = "ENGRAM_CACHE", default_value = ".engram/cache")]
     pub(crate) cache: PathBuf,
 }
@@ -426,8 +428,8 @@ pub fn demo(mut a: DemoArgs) -> Result<()> {
     a.up.namespace = "demo".into();
     tokio::runtime::Runtime::new()?.block_on(async move {
         println!(
-            "starting coordinator, worker and replica (embedded lineage in {}; the first run measures the memit \
-             strategy's protected keys, ~30 s, cached in {}) ...",
+            "starting coordinator, worker and replica (embedded lineage in {}; the first run measures the memory \
+             strategy's protected positions, ~30 s, cached in {}) ...",
             a.up.dir.display(),
             a.up.engine.cache.display()
         );

@@ -41,6 +41,12 @@ pub trait Strategy: Send {
     fn save(&self) -> Result<Vec<u8>> {
         Ok(Vec::new())
     }
+    /// What [`restored_strategy`] needs to build this strategy on the bare base model without measuring its protected
+    /// keys again: a worker caches it on local disk per base model. It may be large (it is never stored per version);
+    /// by default the state `save` writes.
+    fn setup(&self) -> Result<Vec<u8>> {
+        self.save()
+    }
     /// Replaces the state with one `save` wrote (after the same accepted versions).
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         if state.is_empty() {
@@ -71,8 +77,8 @@ impl Strategy for Naive {
 /// The strategies by name, as the CLI and the worker name them.
 pub const STRATEGIES: [&str; 4] = ["naive", "nullspace", "memit", "memory"];
 
-/// Builds a strategy by name from a state `save` wrote for the same base model and configuration, skipping the
-/// measurement of protected keys (seconds to tens of seconds on a CPU).
+/// Builds a strategy by name from what `setup` wrote on the bare base model with the same configuration, skipping
+/// the measurement of protected keys (seconds to tens of seconds on a CPU).
 pub fn restored_strategy(name: &str, base: &Llama, tokenizer: &Tokenizer, state: &[u8]) -> Result<Box<dyn Strategy>> {
     Ok(match name {
         "naive" => Box::new(Naive),
@@ -82,12 +88,9 @@ pub fn restored_strategy(name: &str, base: &Llama, tokenizer: &Tokenizer, state:
             Box::new(s)
         }
         "memit" => Box::new(Memit::restored(base, tokenizer, MemitConfig::default(), state)?),
-        // Stateless: its entries live in the chain; the protected positions are measured again.
-        "memory" => {
-            let mut s = SideMemoryStrategy::new(base, tokenizer, MemoryConfig::default())?;
-            s.restore(state)?;
-            Box::new(s)
-        }
+        // Stateless (its entries live in the chain): the setup is the protected positions' residuals.
+        "memory" if state.is_empty() => Box::new(SideMemoryStrategy::new(base, tokenizer, MemoryConfig::default())?),
+        "memory" => Box::new(SideMemoryStrategy::from_setup(base, tokenizer, MemoryConfig::default(), state)?),
         other => bail!("unknown strategy {other:?}; expected one of {}", STRATEGIES.join(", ")),
     })
 }

@@ -73,6 +73,13 @@ pub struct SideMemoryStrategy {
     profile: bool,
 }
 
+const SETUP_MAGIC: &[u8] = b"engram-memory-setup-v1\n";
+
+/// What the protected sample depends on: a setup measured under another sample must not be reused.
+fn setup_fingerprint(cfg: &MemoryConfig) -> u64 {
+    (cfg.protected_samples as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cfg.seed
+}
+
 /// Rows scaled to unit length.
 fn unit(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
@@ -117,6 +124,45 @@ impl SideMemoryStrategy {
         Ok(Self {
             cfg,
             world,
+            tokenizer: tokenizer.clone(),
+            base: base.clone(),
+            mean,
+            protected,
+            profile: std::env::var_os("ENGRAM_PROFILE").is_some(),
+        })
+    }
+
+    /// Rebuilt from what [`Strategy::setup`] wrote on the same base model and configuration, without measuring.
+    pub fn from_setup(base: &Llama, tokenizer: &Tokenizer, cfg: MemoryConfig, setup: &[u8]) -> Result<Self> {
+        let header = SETUP_MAGIC.len() + 4 + 8 + 8;
+        if setup.len() < header || !setup.starts_with(SETUP_MAGIC) {
+            bail!("not a memory strategy setup ({} bytes)", setup.len());
+        }
+        let word = |at: usize, n: usize| -> u64 {
+            let mut b = [0u8; 8];
+            b[..n].copy_from_slice(&setup[at..at + n]);
+            u64::from_le_bytes(b)
+        };
+        let at = SETUP_MAGIC.len();
+        let (hidden, rows, fingerprint) = (word(at, 4) as usize, word(at + 4, 8) as usize, word(at + 12, 8));
+        if hidden != base.config().hidden_size {
+            bail!("memory setup for hidden size {hidden}, the base model has {}", base.config().hidden_size);
+        }
+        if fingerprint != setup_fingerprint(&cfg) {
+            bail!("memory setup measured with another protected sample (config changed)");
+        }
+        let floats = (1 + rows) * hidden;
+        if setup.len() != header + 4 * floats {
+            bail!("memory setup is {} bytes, expected {}", setup.len(), header + 4 * floats);
+        }
+        let v: Vec<f32> =
+            setup[header..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let dev = base.device();
+        let mean = Tensor::from_slice(&v[..hidden], (1, hidden), dev)?;
+        let protected = Tensor::from_slice(&v[hidden..], (rows, hidden), dev)?;
+        Ok(Self {
+            cfg,
+            world: World::new(),
             tokenizer: tokenizer.clone(),
             base: base.clone(),
             mean,
@@ -234,5 +280,22 @@ impl Strategy for SideMemoryStrategy {
     fn accepted(&mut self, _head: &Llama, _document: &str) -> Result<()> {
         // Entries live in the chain itself; nothing here depends on which were accepted.
         Ok(())
+    }
+
+    /// The protected positions' mean and directions (`4 x hidden x (positions + 1)` bytes: about 100 MB for the
+    /// shipped model's 95,000 positions), so a worker starts in a second instead of measuring for half a minute.
+    fn setup(&self) -> Result<Vec<u8>> {
+        let (rows, hidden) = self.protected.dims2()?;
+        let mut out = Vec::with_capacity(SETUP_MAGIC.len() + 20 + 4 * (rows + 1) * hidden);
+        out.extend_from_slice(SETUP_MAGIC);
+        out.extend_from_slice(&(hidden as u32).to_le_bytes());
+        out.extend_from_slice(&(rows as u64).to_le_bytes());
+        out.extend_from_slice(&setup_fingerprint(&self.cfg).to_le_bytes());
+        for t in [&self.mean, &self.protected] {
+            for x in t.flatten_all()?.to_vec1::<f32>()? {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        Ok(out)
     }
 }

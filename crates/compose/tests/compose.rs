@@ -161,6 +161,42 @@ fn a_rejected_document_waits_for_the_next_consolidation_and_is_not_lost() {
 }
 
 #[test]
+fn a_memory_strategy_rebuilt_from_its_setup_composes_exactly_the_same_entries() {
+    let base = base();
+    let world = World::new();
+    let injector = HyperInjector::load(&root().join("models/hypernet"), base).unwrap();
+    let memory = memory();
+    let setup = memory.setup().unwrap();
+    let mut rebuilt = engram_compose::restored_strategy("memory", &base.llama, &base.tokenizer, &setup).unwrap();
+    let mut rng = Rng::derive(13, 5);
+    let who = world.new_people(&mut rng, 1);
+    let doc = world.document(&mut rng, &who, false);
+    let candidate = injector.inject(&doc).unwrap().delta;
+    let mut memory = memory;
+    let a = memory.compose(&base.llama, &doc, candidate.clone()).unwrap();
+    let b = rebuilt.compose(&base.llama, &doc, candidate).unwrap();
+    let diff = |x: &engram_lora::Delta, y: &engram_lora::Delta| {
+        let (x, y) = (x.memory.as_ref().unwrap(), y.memory.as_ref().unwrap());
+        let d = |u: &[f32], v: &[f32]| u.iter().zip(v).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        (d(&x.keys, &y.keys), d(&x.values, &y.values), d(&x.thresholds, &y.thresholds), d(&x.mean, &y.mean))
+    };
+    eprintln!("rebuilt from the setup, largest differences (keys, values, thresholds, mean): {:?}", diff(&a, &b));
+    assert!(
+        a == b && a.content_hash() == b.content_hash(),
+        "a worker starting from the cached setup composes differently"
+    );
+    // A setup is refused where it does not fit.
+    let e =
+        engram_compose::SideMemoryStrategy::from_setup(&base.llama, &base.tokenizer, Default::default(), &setup[..100])
+            .err()
+            .unwrap();
+    assert!(e.to_string().contains("not a memory strategy setup") || e.to_string().contains("bytes"), "{e}");
+    let other = engram_compose::MemoryConfig { protected_samples: 10, ..Default::default() };
+    let e = engram_compose::SideMemoryStrategy::from_setup(&base.llama, &base.tokenizer, other, &setup).err().unwrap();
+    assert!(e.to_string().contains("another protected sample"), "{e}");
+}
+
+#[test]
 fn the_gate_rejects_a_damaging_candidate_and_passes_a_composed_one() {
     let base = base();
     let world = World::new();

@@ -223,7 +223,35 @@ pub(crate) fn write_tensors(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| malformed(e.to_string()))?;
-    safetensors::serialize(views, Some(meta)).map_err(|e| malformed(e.to_string()))
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| malformed(e.to_string()))?;
+    canonical_header(bytes)
+}
+
+/// The same file with its JSON header's keys in sorted order. safetensors writes the metadata map in hash order,
+/// which differs from call to call: the same delta then had different bytes, so a different blob hash and version
+/// id, each time it was encoded (a worker's guess of the next version's id missed, and identical deltas did not
+/// deduplicate in the content-addressed blob store).
+fn canonical_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let m: BTreeMap<String, serde_json::Value> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                serde_json::to_value(m).expect("a map of JSON values is JSON")
+            }
+            other => other,
+        }
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| malformed(format!("header: {e}")))?;
+    let mut canonical = serde_json::to_vec(&sorted(header)).map_err(|e| malformed(e.to_string()))?;
+    if canonical.len() > n {
+        return Err(malformed("canonical header longer than the written one"));
+    }
+    // The same length as before (safetensors pads with spaces to keep the data 8-byte aligned).
+    canonical.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&canonical);
+    Ok(bytes)
 }
 
 /// Pairs up the A and B tensors of each (layer, module). `parse` names a tensor's layer, module and whether it is

@@ -44,7 +44,7 @@ pub struct WorkerConfig {
 /// The strategy on the bare base model: from the cache when it holds one for this model and strategy, else built
 /// (and cached).
 fn initial_strategy(base: &BaseModel, cfg: &WorkerConfig) -> Result<Box<dyn Strategy>> {
-    let file = cfg.cache.as_ref().map(|d| d.join(format!("{}-{}.state", cfg.strategy, &base.hash[..16])));
+    let file = cfg.cache.as_ref().map(|d| d.join(format!("{}-{}.setup", cfg.strategy, &base.hash[..16])));
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
             match engram_compose::restored_strategy(&cfg.strategy, &base.llama, &base.tokenizer, &bytes) {
@@ -56,9 +56,9 @@ fn initial_strategy(base: &BaseModel, cfg: &WorkerConfig) -> Result<Box<dyn Stra
     let s = engram_compose::strategy(&cfg.strategy, &base.llama, &base.tokenizer)?;
     if let Some(f) = &file {
         // Written aside and renamed, so a concurrent reader never sees half a file.
-        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = f.with_extension(format!("tmp{}-{}", std::process::id(), cfg.id));
         let written = std::fs::create_dir_all(f.parent().expect("cache file has a directory"))
-            .and_then(|_| std::fs::write(&tmp, s.save().unwrap_or_default()))
+            .and_then(|_| std::fs::write(&tmp, s.setup().unwrap_or_default()))
             .and_then(|_| std::fs::rename(&tmp, f));
         if let Err(e) = written {
             tracing::warn!("cannot cache the strategy state in {}: {e}", f.display());
