@@ -91,7 +91,8 @@ pub struct TimingArgs {
     /// `tree:K` (relayed down a K-ary tree), or `direct` (the coordinator streams to every replica itself).
     #[arg(long, default_value = "chain")]
     pub(crate) broadcast: String,
-    /// Chunk size of a staged delta, KiB (each chunk carries its own SHA-256 and is relayed as soon as it arrived).
+    /// Chunk size of a staged delta, KiB (each chunk carries its own CRC-32 and is relayed as soon as it arrived;
+    /// the whole delta is checked against its SHA-256).
     #[arg(long, default_value_t = 1024)]
     pub(crate) stage_chunk_kb: usize,
     /// Replace a namespace's chain by one compaction version every this many versions (replicas then rebuild a
