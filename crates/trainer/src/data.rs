@@ -37,6 +37,11 @@ pub struct Mix {
     /// Fewest and most questions after a reading document.
     #[serde(default = "one_to_three")]
     pub questions: [usize; 2],
+    /// Relative frequency of questions about each attribute after a reading document (city, year, employer, field,
+    /// pet); absent: uniform. There are 100 years against 24-40 values of the others, so each year token is an
+    /// answer far less often: an experiment knob for the year-reading failure (issue 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reading_attribute_weights: Option<[f64; 5]>,
 }
 
 fn one_to_three() -> [usize; 2] {
@@ -60,6 +65,7 @@ impl Default for Mix {
             answer_weight: 5.0,
             reading_text_weight: 1.0,
             questions: one_to_three(),
+            reading_attribute_weights: None,
         }
     }
 }
@@ -82,7 +88,7 @@ impl Mix {
             0 => {
                 let freq = if step < self.short_docs_until { &self.short_doc_people } else { &self.doc_people };
                 let people = 1 + weighted(rng, freq);
-                world.reading_sample_with(rng, people, self.questions)
+                world.reading_sample_weighted(rng, people, self.questions, self.reading_attribute_weights.as_ref())
             }
             1 => world.known_bio_sample(rng),
             2 => world.closed_book_sample(rng),

@@ -328,6 +328,17 @@ impl World {
     /// A random question about `person`: its attribute, the prompt `Q : ... A :` and the answer `value <eos>`.
     pub fn question_for(&self, rng: &mut Rng, person: &Person, phrasing: Phrasing) -> (Attribute, String, String) {
         let attribute = *rng.pick(&Attribute::ALL);
+        self.question_about(rng, person, attribute, phrasing)
+    }
+
+    /// A question about `attribute` of `person` in a phrasing drawn from `phrasing`, and its answer.
+    pub fn question_about(
+        &self,
+        rng: &mut Rng,
+        person: &Person,
+        attribute: Attribute,
+        phrasing: Phrasing,
+    ) -> (Attribute, String, String) {
         let p = match phrasing {
             Phrasing::Trained => *rng.pick(&TRAINED_PHRASINGS),
             Phrasing::Heldout => HELDOUT_PHRASING,
@@ -345,12 +356,39 @@ impl World {
 
     /// A reading document followed by `questions[0]..=questions[1]` questions about its people.
     pub fn reading_sample_with(&self, rng: &mut Rng, people: usize, questions: [usize; 2]) -> Sample {
+        self.reading_sample_weighted(rng, people, questions, None)
+    }
+
+    /// [`World::reading_sample_with`], asking about each attribute with relative frequency `attribute_weights`
+    /// (indexed like [`Attribute::ALL`]; `None`: uniformly, drawing exactly as `reading_sample_with` does).
+    pub fn reading_sample_weighted(
+        &self,
+        rng: &mut Rng,
+        people: usize,
+        questions: [usize; 2],
+        attribute_weights: Option<&[f64; 5]>,
+    ) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let doc = self.document(rng, &people, true);
         let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> {doc}") }];
         for _ in 0..rng.range(questions[0], questions[1]) {
             let who = rng.pick(&people);
-            let (_, q, a) = self.question_for(rng, who, Phrasing::Trained);
+            let (_, q, a) = match attribute_weights {
+                None => self.question_for(rng, who, Phrasing::Trained),
+                Some(w) => {
+                    let total: f64 = w.iter().sum();
+                    let mut x = rng.unit() * total;
+                    let mut pick = Attribute::ALL.len() - 1;
+                    for (i, wi) in w.iter().enumerate() {
+                        if x < *wi {
+                            pick = i;
+                            break;
+                        }
+                        x -= wi;
+                    }
+                    self.question_about(rng, who, Attribute::ALL[pick], Phrasing::Trained)
+                }
+            };
             segments.push(Segment { role: Role::Prompt, text: q });
             // Every answer ends in `<eos>`, as in evaluation, even when another question follows.
             segments.push(Segment { role: Role::Answer, text: a });
@@ -489,6 +527,24 @@ pub fn reversed_digits(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_reading_questions_follow_their_weights_and_uniform_draws_as_before() {
+        let w = World::new();
+        let (mut a, mut b) = (Rng::derive(5, 1), Rng::derive(5, 1));
+        for _ in 0..20 {
+            let (x, y) = (w.reading_sample_with(&mut a, 2, [2, 4]), w.reading_sample_weighted(&mut b, 2, [2, 4], None));
+            assert_eq!(format!("{x:?}"), format!("{y:?}"));
+        }
+        let mut rng = Rng::derive(6, 1);
+        let only_years = [0.0, 1.0, 0.0, 0.0, 0.0];
+        for _ in 0..20 {
+            let s = w.reading_sample_weighted(&mut rng, 2, [2, 4], Some(&only_years));
+            for q in s.segments.iter().filter(|g| g.role == Role::Prompt) {
+                assert!(q.text.contains("born ?") && !q.text.contains("where"), "not a year question: {}", q.text);
+            }
+        }
+    }
 
     #[test]
     fn world_is_deterministic_and_splits_are_disjoint() {
