@@ -720,6 +720,11 @@ impl Coordinator {
             return Ok(());
         }
         let mut chain = self.uncompacted(&head, 0).await?;
+        if chain.len() < every {
+            // The count was stale: the store says the chain is shorter.
+            self.state.lock().expect("state").uncompacted.insert(ns.to_string(), (head, chain.len()));
+            return Ok(());
+        }
         chain.reverse();
         let parent = chain[0].parent.clone();
         let t = Instant::now();
