@@ -100,12 +100,7 @@ fn completions(port: u16, ns: &str, head: &str) {
 async fn engram_up_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
     // `--replica-listen` and `--http` are each the first of three consecutive ports (one per replica).
-    let three = || {
-        let p = free_port();
-        let _next_two = (free_port(), free_port());
-        p
-    };
-    let (cp, hp, rp) = (free_port(), three(), three());
+    let (cp, hp, rp) = (free_port(), free_ports(3), free_ports(3));
     let _logs = KeepLogsOnFailure(dir.path().to_path_buf(), "engram_up_on_the_embedded_store");
     let _up = engram(
         &[

@@ -29,11 +29,19 @@ fn free_port() -> Result<u16> {
 /// from the process id and clock (parallel test processes spread out) and stepping on through a process-wide
 /// counter (parallel tests in one process never get the same port twice).
 pub fn free_loopback_port() -> Option<u16> {
+    free_loopback_ports(1)
+}
+
+/// The first of `n` consecutive loopback ports that are all free now (for `engram up --replica-listen P`, which
+/// takes P, P+1, ...), reserved from the same process-wide counter in one step, so a parallel test cannot take one
+/// from the middle of the block. See [`free_loopback_port`].
+pub fn free_loopback_ports(n: u16) -> Option<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::OnceLock;
     static OFFSET: OnceLock<u32> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const FLOOR: u32 = 20_000;
+    let n = u32::from(n.max(1));
     let ceiling = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
@@ -44,10 +52,13 @@ pub fn free_loopback_port() -> Option<u16> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         std::process::id().wrapping_mul(2_654_435_761).wrapping_add(nanos)
     });
-    for _ in 0..span {
-        let port = FLOOR + offset.wrapping_add(NEXT.fetch_add(1, Ordering::SeqCst)) % span;
-        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return Some(port as u16);
+    for _ in 0..span / n {
+        let first = FLOOR + offset.wrapping_add(NEXT.fetch_add(n, Ordering::SeqCst)) % span;
+        if first + n > ceiling {
+            continue; // a block never wraps past the top of the range
+        }
+        if (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p as u16)).is_ok()) {
+            return Some(first as u16);
         }
     }
     None

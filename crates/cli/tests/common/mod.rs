@@ -90,7 +90,12 @@ impl Drop for KeepLogsOnFailure {
 
 /// A free port for a server the test starts (below the ephemeral range: see `free_loopback_port`).
 pub fn free_port() -> u16 {
-    engram_lineage::local_etcd::free_loopback_port().expect("a free loopback port")
+    free_ports(1)
+}
+
+/// The first of `n` consecutive free ports.
+pub fn free_ports(n: u16) -> u16 {
+    engram_lineage::local_etcd::free_loopback_ports(n).expect("free loopback ports")
 }
 
 /// Waits until every replica reports itself ready and the coordinator lists them all.
