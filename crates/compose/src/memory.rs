@@ -121,15 +121,20 @@ impl SideMemoryStrategy {
         let x = final_residuals(base, &rows, pad, false)?;
         let mean = x.mean_keepdim(0)?;
         let protected = directions(&x, &mean)?;
-        Ok(Self {
+        Ok(Self::with_protected(base, tokenizer, cfg, mean, protected))
+    }
+
+    /// The strategy over protected positions already measured: their mean and centred unit directions.
+    fn with_protected(base: &Llama, tokenizer: &Tokenizer, cfg: MemoryConfig, mean: Tensor, protected: Tensor) -> Self {
+        Self {
             cfg,
-            world,
+            world: World::new(),
             tokenizer: tokenizer.clone(),
             base: base.clone(),
             mean,
             protected,
             profile: std::env::var_os("ENGRAM_PROFILE").is_some(),
-        })
+        }
     }
 
     /// Rebuilt from what [`Strategy::setup`] wrote on the same base model and configuration, without measuring.
@@ -160,15 +165,7 @@ impl SideMemoryStrategy {
         let dev = base.device();
         let mean = Tensor::from_slice(&v[..hidden], (1, hidden), dev)?;
         let protected = Tensor::from_slice(&v[hidden..], (rows, hidden), dev)?;
-        Ok(Self {
-            cfg,
-            world: World::new(),
-            tokenizer: tokenizer.clone(),
-            base: base.clone(),
-            mean,
-            protected,
-            profile: std::env::var_os("ENGRAM_PROFILE").is_some(),
-        })
+        Ok(Self::with_protected(base, tokenizer, cfg, mean, protected))
     }
 
     pub fn config(&self) -> &MemoryConfig {

@@ -70,24 +70,12 @@ impl Default for Mix {
     }
 }
 
-fn weighted(rng: &mut Rng, weights: &[f64]) -> usize {
-    let total: f64 = weights.iter().sum();
-    let mut x = rng.unit() * total;
-    for (i, w) in weights.iter().enumerate() {
-        if x < *w {
-            return i;
-        }
-        x -= w;
-    }
-    weights.len() - 1
-}
-
 impl Mix {
     pub fn sample(&self, world: &World, rng: &mut Rng, step: u64) -> Sample {
-        match weighted(rng, &[self.reading, self.known_bio, self.closed_book, self.skill]) {
+        match rng.weighted(&[self.reading, self.known_bio, self.closed_book, self.skill]) {
             0 => {
                 let freq = if step < self.short_docs_until { &self.short_doc_people } else { &self.doc_people };
-                let people = 1 + weighted(rng, freq);
+                let people = 1 + rng.weighted(freq);
                 world.reading_sample_weighted(rng, people, self.questions, self.reading_attribute_weights.as_ref())
             }
             1 => world.known_bio_sample(rng),

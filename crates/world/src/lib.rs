@@ -376,17 +376,8 @@ impl World {
             let (_, q, a) = match attribute_weights {
                 None => self.question_for(rng, who, Phrasing::Trained),
                 Some(w) => {
-                    let total: f64 = w.iter().sum();
-                    let mut x = rng.unit() * total;
-                    let mut pick = Attribute::ALL.len() - 1;
-                    for (i, wi) in w.iter().enumerate() {
-                        if x < *wi {
-                            pick = i;
-                            break;
-                        }
-                        x -= wi;
-                    }
-                    self.question_about(rng, who, Attribute::ALL[pick], Phrasing::Trained)
+                    let attribute = Attribute::ALL[rng.weighted(w)];
+                    self.question_about(rng, who, attribute, Phrasing::Trained)
                 }
             };
             segments.push(Segment { role: Role::Prompt, text: q });

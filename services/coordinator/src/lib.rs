@@ -729,15 +729,19 @@ impl Coordinator {
         let parent = chain[0].parent.clone();
         let t = Instant::now();
         self.reoffer_rejected(ns, parent.as_ref(), &chain).await?;
-        let mut deltas = Vec::with_capacity(chain.len());
+        let mut blobs = Vec::with_capacity(chain.len());
         for v in &chain {
-            let bytes = self.blobs.get(&v.delta_hash).await?;
-            deltas.push(
-                engram_lora::Delta::decode(&bytes).with_context(|| format!("delta of version {}", v.id.short()))?,
-            );
+            blobs.push((v.id.clone(), self.blobs.get(&v.delta_hash).await?));
         }
         let n = chain.len();
+        // Decoding, summing and encoding the chain is CPU work (dense sums of every adapted weight): off the runtime.
         let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+            let deltas = blobs
+                .iter()
+                .map(|(id, b)| {
+                    engram_lora::Delta::decode(b).with_context(|| format!("delta of version {}", id.short()))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let meta = engram_lora::Meta {
                 injector: "compaction".into(),
                 injector_version: format!("{n} versions"),
