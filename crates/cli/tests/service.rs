@@ -58,7 +58,14 @@ async fn bad_input(client: &Client, replica_addr: &str, ns: &str) {
     let bytes = delta.encode().unwrap();
     let hash = engram_lineage::blob::digest(&bytes);
     let version = engram_lineage::VersionId::derive(None, &hash, &"0".repeat(64)).to_string();
-    let item = engram_transport::Staging { namespace: ns.into(), version, chain: vec![], bytes: bytes.into(), hash };
+    let item = engram_transport::Staging {
+        namespace: ns.into(),
+        version,
+        chain: vec![],
+        bytes: bytes.into(),
+        hash,
+        blake3: None,
+    };
     let mut rc = pb::replica_client::ReplicaClient::connect(replica_addr.to_string()).await.unwrap();
     let staged = rc.stage(tokio_stream::iter(engram_transport::chunks(&item, 1 << 16))).await;
     invalid(staged.map(|r| r.into_inner()), "a delta for another base model", "does not name this delta");

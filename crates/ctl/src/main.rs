@@ -267,6 +267,9 @@ async fn run(cli: Cli) -> Result<()> {
             println!("parent      {}", v.parent.as_ref().map_or("base".to_string(), |p| p.to_string()));
             println!("base model  {}", v.base_model);
             println!("delta       sha256:{} ({} bytes)", v.delta_hash, v.delta_size);
+            if let Some(b) = &v.delta_blake3 {
+                println!("            blake3:{b} (what replicas check a staged copy against)");
+            }
             println!("injector    {}", v.injector);
             println!("job         {}", v.job_id);
             println!("documents   {}", v.document_digests.join(", "));

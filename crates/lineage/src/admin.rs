@@ -12,6 +12,7 @@ use engram_lora::{layer_norms, Delta};
 /// Stores `delta` and records a candidate version for it: blob first, so no version ever names missing bytes.
 pub async fn record(store: &dyn LineageStore, blobs: &BlobStore, mut new: NewVersion, delta: Bytes) -> Result<Version> {
     new.delta_size = delta.len() as u64;
+    new.delta_blake3 = Some(crate::blob::transfer_hash(&delta));
     new.delta_hash = blobs.put(delta).await?;
     store.create_version(new).await
 }

@@ -29,6 +29,12 @@ pub fn digest(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// BLAKE3 of `bytes`, lowercase hex: what a replica checks its staged copy of a delta against. Recorded with the
+/// version where the delta is made, so that the sender need not hash it again for every broadcast.
+pub fn transfer_hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
 fn blob_error(hash: &str, e: object_store::Error) -> Error {
     match e {
         object_store::Error::NotFound { .. } => Error::NotFound(format!("blob {hash}")),

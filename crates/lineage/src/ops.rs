@@ -193,6 +193,7 @@ pub async fn run(keys: &Keys, op: &Op, tx: &mut Tx<'_>) -> Result<Applied> {
                 parent: new.parent.clone(),
                 delta_hash: new.delta_hash.clone(),
                 delta_size: new.delta_size,
+                delta_blake3: new.delta_blake3.clone(),
                 base_model: ns.base_model.clone(),
                 injector: new.injector.clone(),
                 job_id: new.job_id.clone(),

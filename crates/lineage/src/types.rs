@@ -114,6 +114,10 @@ pub struct NewVersion {
     /// SHA-256 (hex) of the delta's bytes in the blob store.
     pub delta_hash: String,
     pub delta_size: u64,
+    /// BLAKE3 (hex) of the same bytes ([`crate::blob::transfer_hash`]), for staging; absent on versions recorded
+    /// before it was kept (the sender then hashes as it sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_blake3: Option<String>,
     /// Which injector made it, e.g. `hypernetwork@<hash>` or `distill`.
     pub injector: String,
     pub job_id: String,
@@ -139,6 +143,9 @@ pub struct Version {
     pub parent: Option<VersionId>,
     pub delta_hash: String,
     pub delta_size: u64,
+    /// See [`NewVersion::delta_blake3`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_blake3: Option<String>,
     pub base_model: String,
     pub injector: String,
     pub job_id: String,

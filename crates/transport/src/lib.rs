@@ -7,6 +7,8 @@
 //! blob store ([`pull`]).
 #![forbid(unsafe_code)]
 
+pub mod buffers;
+pub mod lane;
 pub mod pull;
 pub mod relay;
 pub mod sink;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
-use engram_proto::v1::{replica_client::ReplicaClient, StageAck, StageChunk};
+use engram_proto::v1::{replica_client::ReplicaClient, StageAck, StageChunk, WholeHash};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
@@ -36,6 +38,9 @@ pub struct Staging {
     pub bytes: Bytes,
     /// SHA-256 (hex) of `bytes`.
     pub hash: String,
+    /// BLAKE3 (hex) of `bytes` where it is known already (recorded with the version when its delta was made); else
+    /// the sender hashes the chunks as it sends them.
+    pub blake3: Option<String>,
 }
 
 /// A replica to stage on.
@@ -71,64 +76,140 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// The chunks of `item`, each with its CRC-32; the last carries the whole delta's SHA-256 and size.
-pub fn chunks(item: &Staging, chunk_bytes: usize) -> Vec<StageChunk> {
-    let total = item.bytes.len();
-    let n = total.div_ceil(chunk_bytes).max(1);
-    (0..n)
-        .map(|i| {
-            let (lo, hi) = (i * chunk_bytes, ((i + 1) * chunk_bytes).min(total));
-            let data = item.bytes.slice(lo..hi);
-            let last = i + 1 == n;
-            StageChunk {
-                namespace: item.namespace.clone(),
-                version: item.version.clone(),
-                // The chain travels once, with the first chunk.
-                chain: if i == 0 { item.chain.clone() } else { Vec::new() },
-                offset: lo as u64,
-                chunk_crc32: crc32fast::hash(&data),
-                data,
-                last,
-                delta_sha256: if last { item.hash.clone() } else { String::new() },
-                // On every chunk: the receiver sizes its buffer once from the first.
-                total_bytes: total as u64,
-                ..Default::default()
-            }
-        })
-        .collect()
+/// What a receiver records as the hash it checked a whole delta against, for the bytes `bytes` sent by this crate's
+/// senders (tests compare it with what replicas staged).
+pub fn checked_hash(bytes: &[u8]) -> String {
+    format!("blake3:{}", engram_lineage::blob::transfer_hash(bytes))
 }
 
-/// Receives one version's chunks in order and checks every one of them (CRC-32) and the whole (SHA-256, hashed on
-/// its own thread as the chunks arrive: no second pass over the delta, and the receiving task never waits for it).
+/// The chunks of `item`, each with its CRC-32; the last carries the whole delta's BLAKE3 and SHA-256 and its size.
+/// Lazy: each chunk is checksummed (and the whole hashed) as it is taken, so the sender hashes while the first chunks
+/// are already on their way.
+pub fn chunks(item: &Staging, chunk_bytes: usize) -> Chunks {
+    let chunk_bytes = chunk_bytes.max(1);
+    let whole = if item.blake3.is_some() { None } else { Some(blake3::Hasher::new()) };
+    Chunks { item: item.clone(), chunk_bytes, next: 0, n: item.bytes.len().div_ceil(chunk_bytes).max(1), whole }
+}
+
+/// The iterator [`chunks`] returns.
+pub struct Chunks {
+    item: Staging,
+    chunk_bytes: usize,
+    next: usize,
+    n: usize,
+    /// None: the item's BLAKE3 is known.
+    whole: Option<blake3::Hasher>,
+}
+
+impl Iterator for Chunks {
+    type Item = StageChunk;
+
+    fn next(&mut self) -> Option<StageChunk> {
+        let (i, item) = (self.next, &self.item);
+        if i >= self.n {
+            return None;
+        }
+        self.next += 1;
+        let total = item.bytes.len();
+        let (lo, hi) = (i * self.chunk_bytes, ((i + 1) * self.chunk_bytes).min(total));
+        let data = item.bytes.slice(lo..hi);
+        if let Some(h) = &mut self.whole {
+            h.update(&data);
+        }
+        let last = i + 1 == self.n;
+        let blake3 = || match (&item.blake3, &self.whole) {
+            (Some(known), _) => known.clone(),
+            (None, Some(h)) => h.finalize().to_hex().to_string(),
+            (None, None) => unreachable!("one of the two is set"),
+        };
+        Some(StageChunk {
+            namespace: item.namespace.clone(),
+            version: item.version.clone(),
+            // The chain travels once, with the first chunk.
+            chain: if i == 0 { item.chain.clone() } else { Vec::new() },
+            offset: lo as u64,
+            chunk_crc32: crc32fast::hash(&data),
+            data,
+            last,
+            delta_sha256: if last { item.hash.clone() } else { String::new() },
+            delta_blake3: if last { blake3() } else { String::new() },
+            whole_hash: WholeHash::Blake3 as i32,
+            // On every chunk: the receiver sizes its buffer once from the first.
+            total_bytes: total as u64,
+            ..Default::default()
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.n - self.next;
+        (left, Some(left))
+    }
+}
+
+/// Receives one version's chunks in order and checks every one of them (CRC-32) and the whole (BLAKE3, or SHA-256
+/// from an older sender: hashed as the chunks arrive, no second pass over the delta).
 #[derive(Default)]
 pub struct Assembler {
     namespace: String,
     version: String,
     chain: Vec<String>,
-    buf: Vec<u8>,
+    kind: WholeHash,
+    buf: buffers::Buffer,
     whole: Option<Hasher>,
     done: bool,
 }
 
-/// SHA-256 over a stream of chunks: on a thread of its own where there are cores to spare (1.7x faster staging on
-/// 16 cores), inline on a machine of two or fewer (where the extra thread only adds contention).
+/// One hash function over the whole delta.
+enum Algorithm {
+    Sha256(Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl Algorithm {
+    fn new(kind: WholeHash) -> Self {
+        match kind {
+            WholeHash::Sha256 => Self::Sha256(Sha256::new()),
+            WholeHash::Blake3 => Self::Blake3(Box::default()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Sha256(h) => h.update(bytes),
+            Self::Blake3(h) => {
+                h.update(bytes);
+            }
+        }
+    }
+
+    fn finish(self) -> String {
+        match self {
+            Self::Sha256(h) => hex::encode(h.finalize()),
+            Self::Blake3(h) => h.finalize().to_hex().to_string(),
+        }
+    }
+}
+
+/// The whole delta's hash over a stream of chunks: on a thread of its own where there are cores to spare (1.7x
+/// faster staging on 16 cores with SHA-256), inline on a machine of two or fewer (where the extra thread only adds
+/// contention).
 enum Hasher {
-    Inline(Sha256),
+    Inline(Algorithm),
     Thread { tx: std::sync::mpsc::Sender<Bytes>, thread: std::thread::JoinHandle<String> },
 }
 
 impl Hasher {
-    fn start() -> Self {
+    fn start(kind: WholeHash) -> Self {
+        let mut h = Algorithm::new(kind);
         if std::thread::available_parallelism().map_or(1, |n| n.get()) <= 2 {
-            return Self::Inline(Sha256::new());
+            return Self::Inline(h);
         }
         let (tx, rx) = std::sync::mpsc::channel::<Bytes>();
         let thread = std::thread::spawn(move || {
-            let mut h = Sha256::new();
             for chunk in rx {
                 h.update(&chunk);
             }
-            hex::encode(h.finalize())
+            h.finish()
         });
         Self::Thread { tx, thread }
     }
@@ -144,7 +225,7 @@ impl Hasher {
 
     fn finish(self) -> String {
         match self {
-            Self::Inline(h) => hex::encode(h.finalize()),
+            Self::Inline(h) => h.finish(),
             Self::Thread { tx, thread } => {
                 drop(tx);
                 thread.join().unwrap_or_default()
@@ -159,9 +240,13 @@ pub struct Received {
     pub namespace: String,
     pub version: String,
     pub chain: Vec<String>,
-    pub bytes: Vec<u8>,
-    /// SHA-256 (hex) of `bytes`, verified against the sender's.
+    pub bytes: buffers::Buffer,
+    /// The SHA-256 (hex) that names `bytes`. From a sender that checks with BLAKE3 it is the one the sender verified
+    /// when it read the delta from the blob store, and the BLAKE3 checked here ties it to these bytes; from an older
+    /// sender it was computed here.
     pub hash: String,
+    /// The hash the whole was checked against here, `blake3:<hex>` or `sha256:<hex>`.
+    pub checked: String,
     /// Where the stream that completed it started (> 0: it resumed a broken one).
     pub resumed_from: u64,
 }
@@ -174,7 +259,7 @@ impl Assembler {
 
     /// Takes the next chunk; returns the delta when it was the last. A corrupt chunk or whole is `DataLoss` (sending
     /// again may fix it); a malformed stream `InvalidArgument`.
-    pub fn push(&mut self, c: StageChunk) -> std::result::Result<Option<Received>, tonic::Status> {
+    pub fn push(&mut self, c: &StageChunk) -> std::result::Result<Option<Received>, tonic::Status> {
         let invalid = |m: String| tonic::Status::invalid_argument(m);
         let corrupt = |m: String| tonic::Status::data_loss(m);
         if self.done {
@@ -187,11 +272,14 @@ impl Assembler {
             self.namespace = c.namespace.clone();
             self.version = c.version.clone();
             self.chain = c.chain.clone();
-            // One allocation for the whole delta (no regrowth copies), within reason for a claimed size.
-            self.buf.reserve_exact((c.total_bytes as usize).min(64 << 30));
+            self.kind = c.whole_hash();
+            // One buffer for the whole delta (no regrowth copies), within reason for a claimed size.
+            self.buf = buffers::Buffer::with_capacity((c.total_bytes as usize).min(64 << 30));
         } else if c.version != self.version || c.namespace != self.namespace {
             let (ns, v) = (&self.namespace, &self.version);
             return Err(invalid(format!("chunk for {}/{} in a stream of {ns}/{v}", c.namespace, c.version)));
+        } else if c.whole_hash() != self.kind {
+            return Err(invalid(format!("chunk at offset {} names another whole-delta hash than the first", c.offset)));
         }
         if c.offset != self.buf.len() as u64 {
             return Err(invalid(format!("chunk at offset {} but {} bytes received so far", c.offset, self.buf.len())));
@@ -204,7 +292,8 @@ impl Assembler {
                 c.offset
             )));
         }
-        self.whole.get_or_insert_with(Hasher::start).update(&c.data);
+        let kind = self.kind;
+        self.whole.get_or_insert_with(|| Hasher::start(kind)).update(&c.data);
         self.buf.extend_from_slice(&c.data);
         if !c.last {
             return Ok(None);
@@ -213,25 +302,31 @@ impl Assembler {
         if c.total_bytes != self.buf.len() as u64 {
             return Err(invalid(format!("the delta is {} bytes, {} arrived", c.total_bytes, self.buf.len())));
         }
-        let whole = self.whole.take().map(Hasher::finish).unwrap_or_else(|| hex::encode(Sha256::digest([])));
-        if whole != c.delta_sha256 {
-            return Err(corrupt(format!("the delta's SHA-256 is {whole}, the sender's {}", c.delta_sha256)));
+        let whole = self.whole.take().unwrap_or_else(|| Hasher::start(self.kind)).finish();
+        let (name, tag, sender) = match self.kind {
+            WholeHash::Blake3 => ("BLAKE3", "blake3", &c.delta_blake3),
+            WholeHash::Sha256 => ("SHA-256", "sha256", &c.delta_sha256),
+        };
+        if &whole != sender {
+            return Err(corrupt(format!("the delta's {name} is {whole}, the sender's {sender}")));
         }
         Ok(Some(Received {
             namespace: std::mem::take(&mut self.namespace),
             version: std::mem::take(&mut self.version),
             chain: std::mem::take(&mut self.chain),
             bytes: std::mem::take(&mut self.buf),
-            hash: whole,
+            hash: c.delta_sha256.clone(),
+            checked: format!("{tag}:{whole}"),
             resumed_from: 0,
         }))
     }
 }
 
 /// Streams the delta to every replica at once over gRPC, in checksummed chunks.
+#[derive(Clone)]
 pub struct GrpcStream {
     chunk_bytes: usize,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: std::sync::Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Default for GrpcStream {
@@ -242,7 +337,7 @@ impl Default for GrpcStream {
 
 impl GrpcStream {
     pub fn new(chunk_bytes: usize) -> Self {
-        Self { chunk_bytes: chunk_bytes.max(1), channels: Mutex::new(HashMap::new()) }
+        Self { chunk_bytes: chunk_bytes.max(1), channels: Default::default() }
     }
 
     /// A lazily connecting channel per address, reused across stagings.
@@ -279,7 +374,23 @@ impl Broadcaster for GrpcStream {
     }
 
     async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
-        let chunks = chunks(item, self.chunk_bytes);
+        let (me, t, it) = (self.clone(), targets.to_vec(), item.clone());
+        from_lane(targets.len(), lane::run(async move { me.stage_here(&t, &it, timeout).await }).await)
+    }
+}
+
+/// One failure per target when the staging thread could not run a broadcast.
+fn from_lane(targets: usize, outcome: Result<Vec<Result<StageAck>>>) -> Vec<Result<StageAck>> {
+    outcome.unwrap_or_else(|e| (0..targets).map(|_| Err(anyhow::anyhow!("{e:#}"))).collect())
+}
+
+impl GrpcStream {
+    /// [`Broadcaster::stage`] on the calling task (the staging thread's).
+    async fn stage_here(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
+        if targets.is_empty() {
+            return Vec::new(); // without cutting (and hashing) the delta for nobody
+        }
+        let chunks: Vec<StageChunk> = chunks(item, self.chunk_bytes).collect();
         let each = targets.iter().map(|t| {
             let chunks = chunks.clone();
             async move {
@@ -291,11 +402,9 @@ impl Broadcaster for GrpcStream {
         });
         futures::future::join_all(each).await
     }
-}
 
-impl GrpcStream {
     /// This stream's channel cache as a relay's way to open channels.
-    pub fn connector(self: &std::sync::Arc<Self>) -> relay::Connect {
+    pub fn connector(&self) -> relay::Connect {
         let me = self.clone();
         std::sync::Arc::new(move |address: &str| me.channel(address))
     }
@@ -340,16 +449,17 @@ pub fn broadcaster(spec: &str, chunk_bytes: usize) -> Result<std::sync::Arc<dyn 
 /// Pipelined broadcast ([`relay`]): the sender streams each chunk to `fanout` replicas, and every replica relays it on
 /// to its part of the rest as soon as it arrived intact. Fan-out 1 is a chain. Staging stays two-phase: this only
 /// changes how the bytes travel.
+#[derive(Clone)]
 pub struct Pipelined {
     fanout: usize,
     chunk_bytes: usize,
-    channels: std::sync::Arc<GrpcStream>,
+    channels: GrpcStream,
 }
 
 impl Pipelined {
     pub fn new(fanout: usize, chunk_bytes: usize) -> Self {
         let chunk_bytes = chunk_bytes.max(1);
-        Self { fanout: fanout.max(1), chunk_bytes, channels: std::sync::Arc::new(GrpcStream::new(chunk_bytes)) }
+        Self { fanout: fanout.max(1), chunk_bytes, channels: GrpcStream::new(chunk_bytes) }
     }
 }
 
@@ -364,6 +474,13 @@ impl Broadcaster for Pipelined {
     }
 
     async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
+        let (me, t, it) = (self.clone(), targets.to_vec(), item.clone());
+        from_lane(targets.len(), lane::run(async move { me.stage_here(&t, &it, timeout).await }).await)
+    }
+}
+
+impl Pipelined {
+    async fn stage_here(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
         // Only replicas that advertise relaying go into the chain or tree (one that does not, an older version
         // during a rolling upgrade say, would leave its part of the chain without data); the others get their own
         // stream from here.
@@ -381,7 +498,7 @@ impl Broadcaster for Pipelined {
             }
             relay.finish().await
         };
-        let (outcomes, direct_acks) = tokio::join!(pipelined, self.channels.stage(&direct, item, timeout));
+        let (outcomes, direct_acks) = tokio::join!(pipelined, self.channels.stage_here(&direct, item, timeout));
         let mut direct_acks: HashMap<String, Result<StageAck>> =
             direct.iter().map(|t| t.id.clone()).zip(direct_acks).collect();
         targets
@@ -428,37 +545,61 @@ mod tests {
             chain: vec!["p".into()],
             bytes: Bytes::copy_from_slice(bytes),
             hash: sha256(bytes),
+            blake3: None,
         }
     }
 
     #[test]
     fn chunks_reassemble_and_corruption_is_named() {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
-        let cs = chunks(&item(&data), 3000);
+        let cs: Vec<_> = chunks(&item(&data), 3000).collect();
         assert_eq!(cs.len(), 4);
         assert!(cs[1].chain.is_empty() && cs[3].last && !cs[2].last);
         let mut a = Assembler::default();
         let mut out = None;
         for c in cs.clone() {
-            out = a.push(c).unwrap();
+            out = a.push(&c).unwrap();
         }
         let r = out.expect("the last chunk completes the delta");
-        assert_eq!((r.bytes, r.chain, r.version.as_str()), (data.clone(), vec!["p".to_string()], "v"));
+        assert_eq!((r.bytes.to_vec(), r.chain, r.version.as_str()), (data.clone(), vec!["p".to_string()], "v"));
+        assert_eq!((r.hash, r.checked), (sha256(&data), checked_hash(&data)));
 
         let mut bad = cs.clone();
         let mut flipped = bad[2].data.to_vec();
         flipped[5] ^= 1;
         bad[2].data = flipped.into();
         let mut a = Assembler::default();
-        let err = bad.into_iter().map(|c| a.push(c)).find_map(Result::err).unwrap();
+        let err = bad.into_iter().map(|c| a.push(&c)).find_map(Result::err).unwrap();
         assert!(err.to_string().contains("offset 6000 is corrupt"), "{err}");
 
         // Missing chunk: the offset no longer lines up.
         let mut a = Assembler::default();
-        a.push(cs[0].clone()).unwrap();
-        assert!(a.push(cs[2].clone()).unwrap_err().to_string().contains("offset"));
+        a.push(&cs[0]).unwrap();
+        assert!(a.push(&cs[2]).unwrap_err().to_string().contains("offset"));
+        // A sender that predates BLAKE3: the receiver hashes with SHA-256.
+        let mut old = cs.clone();
+        for c in &mut old {
+            c.whole_hash = WholeHash::Sha256 as i32;
+            c.delta_blake3.clear();
+        }
+        let mut a = Assembler::default();
+        let r = old.iter().cloned().map(|c| a.push(&c).unwrap()).last().flatten().unwrap();
+        assert_eq!((r.bytes.to_vec(), r.checked), (data.clone(), format!("sha256:{}", sha256(&data))));
+        // Intact chunks but a whole that is not the sender's: data loss, named by the hash that caught it.
+        let mut forged = cs.clone();
+        forged[3].delta_blake3 = "0".repeat(64);
+        let mut a = Assembler::default();
+        let err = forged.into_iter().map(|c| a.push(&c)).find_map(Result::err).unwrap();
+        assert_eq!(err.code(), tonic::Code::DataLoss);
+        assert!(err.message().contains("BLAKE3"), "{err}");
+        // A stream that switches hash midway is malformed.
+        let mut mixed = cs.clone();
+        mixed[1].whole_hash = WholeHash::Sha256 as i32;
+        let mut a = Assembler::default();
+        let err = mixed.into_iter().map(|c| a.push(&c)).find_map(Result::err).unwrap();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
         // An empty delta is one chunk.
         let mut a = Assembler::default();
-        assert_eq!(a.push(chunks(&item(b""), 10).remove(0)).unwrap().unwrap().bytes.len(), 0);
+        assert_eq!(a.push(&chunks(&item(b""), 10).next().unwrap()).unwrap().unwrap().bytes.len(), 0);
     }
 }

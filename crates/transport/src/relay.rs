@@ -427,7 +427,17 @@ pub async fn receive(
         let (asm, relay) = held.state.as_mut().expect("set above");
         // A corrupt chunk is not taken: what came before it stays held, for a resume. The assembly and the relay
         // take each chunk together, with no await between, so a cancelled handler parks them in step.
-        let done = asm.push(chunk.clone())?;
+        let mut chunk = chunk;
+        // What a relay holds is its own copy, so the decoder reuses its buffer for the next message; a leaf forwards
+        // nothing and holds no data.
+        let leaf = relay.subtree_len() == 0;
+        if !leaf {
+            chunk.data = crate::buffers::chunk(&chunk.data);
+        }
+        let done = asm.push(&chunk)?;
+        if leaf {
+            chunk.data = bytes::Bytes::new();
+        }
         relay.accept(chunk);
         if let Some(d) = delay {
             tokio::time::sleep(d).await;

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::relay::{receive, Connect, Partials};
 
-/// What a sink staged: (version, SHA-256 of the bytes), in order.
+/// What a sink staged: (version, the hash it checked the bytes against, as `Received::checked`), in order.
 pub type Staged = Arc<Mutex<Vec<(String, String)>>>;
 
 #[derive(Clone)]
@@ -54,8 +54,7 @@ impl Replica for Sink {
         let (received, relay) = receive(&mut stream, self.connect.clone(), &self.partials).await?;
         self.resumed_from.lock().expect("resumed").push(received.resumed_from);
         self.relayed_to.lock().expect("relayed").push(relay.subtree_len());
-        // The assembler verified the bytes against this hash.
-        self.staged.lock().expect("staged").push((received.version.clone(), received.hash.clone()));
+        self.staged.lock().expect("staged").push((received.version.clone(), received.checked.clone()));
         let downstream = relay.finish().await;
         Ok(Response::new(StageAck {
             version: received.version,

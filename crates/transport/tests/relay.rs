@@ -11,7 +11,7 @@ use bytes::Bytes;
 use engram_proto::v1::{StageOutcome, StageTarget};
 use engram_transport::relay::Relay;
 use engram_transport::sink::Sink;
-use engram_transport::{chunks, Broadcaster, GrpcStream, Pipelined, Staging, Target, RELAY, STREAM};
+use engram_transport::{checked_hash, chunks, Broadcaster, GrpcStream, Pipelined, Staging, Target, RELAY, STREAM};
 use sha2::{Digest, Sha256};
 
 struct Node {
@@ -67,6 +67,7 @@ fn item(len: usize) -> Staging {
         version: "v1".into(),
         chain: vec![],
         hash: hex::encode(Sha256::digest(&bytes)),
+        blake3: None,
         bytes: Bytes::from(bytes),
     }
 }
@@ -102,7 +103,12 @@ async fn a_chain_and_a_tree_deliver_every_byte_to_every_replica() {
         for n in &nodes {
             let o = outcome(&outcomes, n);
             assert!(o.ok && o.received == it.bytes.len() as u64, "fan-out {fanout}: {o:?}");
-            assert_eq!(staged(n), vec![(it.version.clone(), it.hash.clone())], "fan-out {fanout}: {}", n.target.id);
+            assert_eq!(
+                staged(n),
+                vec![(it.version.clone(), checked_hash(&it.bytes))],
+                "fan-out {fanout}: {}",
+                n.target.id
+            );
             assert_eq!(n.sink.attempts.load(Ordering::SeqCst), 1);
         }
     }
@@ -120,7 +126,7 @@ async fn a_corrupted_chunk_is_detected_and_sent_again() {
     assert_eq!(*nodes[0].sink.resumed_from.lock().unwrap(), vec![5 * (64 << 10)]);
     for n in &nodes {
         // Nothing but the true delta was ever staged anywhere.
-        assert_eq!(staged(n), vec![(it.version.clone(), it.hash.clone())], "{}", n.target.id);
+        assert_eq!(staged(n), vec![(it.version.clone(), checked_hash(&it.bytes))], "{}", n.target.id);
     }
 }
 
@@ -141,7 +147,7 @@ async fn a_relay_killed_mid_stream_is_passed_over_and_its_subtree_reattached() {
     assert!(!outcome(&outcomes, &nodes[2]).ok, "the dead relay reported ok");
     for i in [0, 1, 3, 4] {
         assert!(outcome(&outcomes, &nodes[i]).ok, "{:?}", outcome(&outcomes, &nodes[i]));
-        assert_eq!(staged(&nodes[i]), vec![(it.version.clone(), it.hash.clone())], "r{i}");
+        assert_eq!(staged(&nodes[i]), vec![(it.version.clone(), checked_hash(&it.bytes))], "r{i}");
     }
     // r3 lost its stream from r2; r1 resumed it where it broke off, and r3 kept relaying to r4 on the stream it had.
     assert_eq!(nodes[3].sink.attempts.load(Ordering::SeqCst), 2);
@@ -168,7 +174,7 @@ async fn replicas_that_do_not_relay_get_their_own_stream() {
     let acks = Pipelined::new(1, 64 << 10).stage(&targets, &it, Duration::from_secs(30)).await;
     for (n, a) in nodes.iter().zip(&acks) {
         assert!(a.is_ok(), "{}: {a:?}", n.target.id);
-        assert_eq!(staged(n), vec![(it.version.clone(), it.hash.clone())], "{}", n.target.id);
+        assert_eq!(staged(n), vec![(it.version.clone(), checked_hash(&it.bytes))], "{}", n.target.id);
     }
     let relayed: Vec<Vec<usize>> = nodes.iter().map(|n| n.sink.relayed_to.lock().unwrap().clone()).collect();
     assert_eq!(relayed, vec![vec![1], vec![0], vec![0]], "r0 should relay to r2 only");

@@ -51,6 +51,7 @@ pub fn version(v: &lin::Version) -> pb::Version {
         created_by: v.creator.clone(),
         created_ms: v.created_at_ms as i64,
         compacts: v.compacts.iter().map(|c| c.to_string()).collect(),
+        delta_blake3: v.delta_blake3.clone().unwrap_or_default(),
     }
 }
 

@@ -472,6 +472,7 @@ impl Coordinator {
                     parent: job.base_head.clone(),
                     delta_hash: d.hash.clone(),
                     delta_size: d.bytes,
+                    delta_blake3: (!d.blake3.is_empty()).then(|| d.blake3.clone()),
                     injector: d.injector.clone(),
                     job_id: job.id.clone(),
                     document_digests: job.document_digests.clone(),
@@ -566,6 +567,7 @@ impl Coordinator {
             chain: version.parent.iter().map(|p| p.to_string()).collect(),
             hash: version.delta_hash.clone(),
             bytes,
+            blake3: version.delta_blake3.clone(),
         };
         let targets = self.targets();
         let outcomes = self.broadcaster.stage(&targets, &item, self.cfg.stage_timeout).await;
@@ -735,7 +737,7 @@ impl Coordinator {
         }
         let n = chain.len();
         // Decoding, summing and encoding the chain is CPU work (dense sums of every adapted weight): off the runtime.
-        let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let (bytes, blake3) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, String)> {
             let deltas = blobs
                 .iter()
                 .map(|(id, b)| {
@@ -747,7 +749,9 @@ impl Coordinator {
                 injector_version: format!("{n} versions"),
                 ..deltas[0].meta.clone()
             };
-            Ok(engram_lora::Delta::compact(&deltas.iter().collect::<Vec<_>>(), meta)?.encode()?)
+            let bytes = engram_lora::Delta::compact(&deltas.iter().collect::<Vec<_>>(), meta)?.encode()?;
+            let blake3 = lin::blob::transfer_hash(&bytes);
+            Ok((bytes, blake3))
         })
         .await
         .context("compaction task")??;
@@ -759,6 +763,7 @@ impl Coordinator {
             parent: parent.clone(),
             delta_hash,
             delta_size,
+            delta_blake3: Some(blake3),
             injector: "compaction".into(),
             document_digests: chain.iter().flat_map(|v| v.document_digests.iter().cloned()).collect(),
             creator: format!("{}:compaction", self.cfg.actor),

@@ -82,7 +82,7 @@ async fn next(
 async fn delta(blobs: &BlobStore, tag: &str) -> pb::DeltaRef {
     let bytes = format!("delta {tag}").into_bytes();
     let hash = blobs.put(bytes.clone().into()).await.unwrap();
-    pb::DeltaRef { hash, bytes: bytes.len() as u64, injector: "fake".into() }
+    pb::DeltaRef { hash, bytes: bytes.len() as u64, injector: "fake".into(), ..Default::default() }
 }
 
 fn complete(
@@ -221,7 +221,7 @@ async fn lora_delta(blobs: &BlobStore, x: f32) -> (pb::DeltaRef, engram_lora::De
     let d = engram_lora::Delta { meta, adapters: [((0, "down".to_string()), factors)].into(), memory: None };
     let bytes = d.encode().unwrap();
     let hash = blobs.put(bytes.clone().into()).await.unwrap();
-    (pb::DeltaRef { hash, bytes: bytes.len() as u64, injector: "fake".into() }, d)
+    (pb::DeltaRef { hash, bytes: bytes.len() as u64, injector: "fake".into(), ..Default::default() }, d)
 }
 
 /// Every third version the chain is replaced by one compaction version that sums it exactly, becomes the head,
@@ -265,8 +265,10 @@ async fn a_chain_is_compacted_and_rejected_documents_are_offered_again() {
     assert_eq!(k.compacts, live, "the compaction names the chain it replaces, oldest first");
     assert_eq!(k.parent, None, "built on the base, like the chain's first version");
     assert_eq!(k.status, engram_lineage::Status::Live);
-    // Its delta is the chain's sum.
-    let compacted = engram_lora::Delta::decode(&c.blobs.get(&k.delta_hash).await.unwrap()).unwrap();
+    // Its delta is the chain's sum, recorded with the hash staging checks.
+    let blob = c.blobs.get(&k.delta_hash).await.unwrap();
+    assert_eq!(k.delta_blake3.as_deref(), Some(engram_lineage::blob::transfer_hash(&blob).as_str()));
+    let compacted = engram_lora::Delta::decode(&blob).unwrap();
     let want: Vec<f32> = (0..6).map(|i| deltas.iter().map(|d| d.dense(0, "down").unwrap()[i]).sum()).collect();
     let got = compacted.dense(0, "down").unwrap();
     assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{got:?} != {want:?}");

@@ -263,7 +263,8 @@ impl Replica {
         let version = VersionId::parse(&received.version).map_err(|e| invalid(e.to_string()))?;
         let parent =
             received.chain.first().map(|p| VersionId::parse(p)).transpose().map_err(|e| invalid(e.to_string()))?;
-        let hash = received.hash.clone(); // SHA-256, verified by the assembler
+        // The SHA-256 naming the bytes the assembler checked (see `Received::hash`).
+        let hash = received.hash.clone();
         if VersionId::derive(parent.as_ref(), &hash, &self.base.hash) != version {
             return Err(invalid(format!(
                 "version {} does not name this delta on parent {} over base model {}",

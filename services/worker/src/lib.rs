@@ -373,6 +373,7 @@ impl Worker {
         outcome.metrics.insert("worker.compose_ms".into(), outcome.compose_ms);
         let bytes = outcome.delta.encode()?;
         let size = bytes.len() as u64;
+        let blake3 = engram_lineage::blob::transfer_hash(&bytes);
         let hash = self.blobs.put(Bytes::from(bytes)).await?;
         let state_hash = if outcome.state.is_empty() {
             String::new()
@@ -380,7 +381,7 @@ impl Worker {
             self.blobs.put(Bytes::from(outcome.state.clone())).await?
         };
         tracing::info!(job = %job.id, "delta {} ({size} bytes) in {:.0} ms (prepare {prepare_ms:.0} ms)", &hash[..12], t.elapsed().as_secs_f64() * 1e3);
-        let delta_ref = pb::DeltaRef { hash, bytes: size, injector: outcome.delta.meta.injector.clone() };
+        let delta_ref = pb::DeltaRef { hash, bytes: size, injector: outcome.delta.meta.injector.clone(), blake3 };
         // What the job's timings call "inject": the worker's whole time on it.
         outcome.inject_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok((outcome, delta_ref, state_hash))
