@@ -41,7 +41,7 @@ pub struct BroadcastBenchArgs {
     #[arg(long, default_value_t = 1)]
     fanout: usize,
     /// Chunk size, KiB: each chunk is checked and relayed on its own.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 256)]
     chunk_kb: usize,
     /// Link rate for the namespaces' veth links, Mbit/s.
     #[arg(long, default_value_t = 1000)]
@@ -49,6 +49,9 @@ pub struct BroadcastBenchArgs {
     /// No namespaces, no shaping: everything on loopback.
     #[arg(long)]
     loopback: bool,
+    /// Timed rounds per measurement (after an untimed one); each reports its median, the samples beside it.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 /// A replica or sender process for the bench (hidden subcommands).
@@ -74,8 +77,10 @@ pub struct SendArgs {
     size_mb: usize,
     #[arg(long, default_value_t = 1)]
     fanout: usize,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 256)]
     chunk_kb: usize,
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 fn payload(size_mb: usize) -> Staging {
@@ -123,25 +128,34 @@ pub fn node(a: NodeArgs) -> Result<()> {
     })
 }
 
-/// One broadcast (or raw copy) from this process; prints `{"seconds": s, "ok": n}`.
+/// Broadcasts (or raw copies) from this process: one untimed, then `rounds` timed; prints
+/// `{"seconds": median, "samples": [...], "cold_s": the untimed one, "cpu_s": this process's CPU per timed round}`.
 pub fn send(a: SendArgs) -> Result<()> {
     let item = payload(a.size_mb);
-    if let Some(addr) = a.raw {
-        raw_copy(&addr, &item.bytes)?;
-        let seconds = raw_copy(&addr, &item.bytes)?;
-        println!("{}", serde_json::json!({ "seconds": seconds, "ok": 1 }));
-        return Ok(());
-    }
+    let rounds = a.rounds.max(1);
     // A service's runtime, as the coordinator's (the broadcaster moves the work to its staging thread).
     let rt = tokio::runtime::Runtime::new()?;
     let broadcaster = Pipelined::new(a.fanout, a.chunk_kb << 10);
-    // Twice, timing the second: the first pays this fresh process's page faults for its send buffers.
-    let (cold, _) = rt.block_on(stage(&broadcaster, &a.targets, &item))?;
+    let once = || -> Result<f64> {
+        match &a.raw {
+            Some(addr) => raw_copy(addr, &item.bytes),
+            None => rt.block_on(stage(&broadcaster, &a.targets, &item)),
+        }
+    };
+    // The first round pays this fresh process's page faults for its send buffers.
+    let cold = once()?;
     let cpu = cpu_seconds();
-    let (seconds, ok) = rt.block_on(stage(&broadcaster, &a.targets, &item))?;
-    let cpu = cpu_seconds().zip(cpu).map(|(after, before)| after - before);
-    println!("{}", serde_json::json!({ "seconds": seconds, "cold_s": cold, "ok": ok, "cpu_s": cpu }));
+    let samples = (0..rounds).map(|_| once()).collect::<Result<Vec<f64>>>()?;
+    let cpu = cpu_seconds().zip(cpu).map(|(after, before)| (after - before) / rounds as f64);
+    let seconds = median(&samples);
+    println!("{}", serde_json::json!({ "seconds": seconds, "samples": samples, "cold_s": cold, "cpu_s": cpu }));
     Ok(())
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// CPU time this process has used (user and system), from /proc (Linux; 10 ms resolution).
@@ -163,9 +177,9 @@ fn raw_copy(addr: &str, bytes: &[u8]) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// Stages `item` as the coordinator does (chunks cut, checksummed and hashed as they go, inside the timing); returns
-/// (seconds, replicas that acknowledged a verified copy).
-async fn stage(broadcaster: &Pipelined, targets: &[String], item: &Staging) -> Result<(f64, usize)> {
+/// Stages `item` as the coordinator does (chunks cut and checksummed as they go, inside the timing); returns the
+/// seconds, or an error unless every replica acknowledged a verified copy.
+async fn stage(broadcaster: &Pipelined, targets: &[String], item: &Staging) -> Result<f64> {
     let list: Vec<Target> = targets
         .iter()
         .enumerate()
@@ -181,7 +195,7 @@ async fn stage(broadcaster: &Pipelined, targets: &[String], item: &Staging) -> R
     if ok != targets.len() {
         bail!("{ok} of {} replicas staged: {outcomes:?}", targets.len());
     }
-    Ok((seconds, ok))
+    Ok(seconds)
 }
 
 struct Proc(Child);
@@ -293,13 +307,14 @@ fn wait_port(addr: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `engram bench broadcast-send` (in the sender's namespace) and returns its seconds.
-fn run_send(wrapper: &[&str], args: &[String]) -> Result<f64> {
+/// Runs `engram bench broadcast-send` (in the sender's namespace) and returns its report.
+fn run_send(wrapper: &[&str], args: &[String]) -> Result<serde_json::Value> {
     for attempt in 0..50 {
         let out = engram_cmd(wrapper)?.args(["bench", "broadcast-send"]).args(args).stderr(Stdio::piped()).output()?;
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            return v["seconds"].as_f64().context("no seconds in the sender's report");
+            v["seconds"].as_f64().context("no seconds in the sender's report")?;
+            return Ok(v);
         }
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         // The nodes may still be starting: connection refused is retried.
@@ -321,7 +336,7 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
         "size_mb": a.size_mb, "fanout": a.fanout, "chunk_kb": a.chunk_kb,
         "mode": if a.loopback { "loopback".to_string() } else { format!("namespaces, {} Mbit/s links", a.rate_mbit) },
     });
-    let common = |targets: &[String]| -> Vec<String> {
+    let common = |targets: &[String], rounds: usize| -> Vec<String> {
         vec![
             "--targets".into(),
             targets.join(","),
@@ -331,7 +346,17 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
             a.fanout.to_string(),
             "--chunk-kb".into(),
             a.chunk_kb.to_string(),
+            "--rounds".into(),
+            rounds.to_string(),
         ]
+    };
+    let rounds = a.rounds.to_string();
+    // The median of a sender's timed rounds; the samples go into the report under `name`.
+    let mut samples = serde_json::Map::new();
+    let mut measure = |name: &str, wrapper: &[&str], args: &[String]| -> Result<f64> {
+        let v = run_send(wrapper, args)?;
+        samples.insert(name.to_string(), v["samples"].clone());
+        Ok(v["seconds"].as_f64().unwrap_or(f64::NAN))
     };
 
     // One replica on loopback, unshaped: staging vs a raw TCP copy.
@@ -345,12 +370,14 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
         );
         wait_port(&g)?;
         wait_port(&r)?;
-        let raw_args = ["--raw".into(), r.clone(), "--size-mb".into(), a.size_mb.to_string()];
-        // Steady state: one untimed round first (a fresh process page-faults in its buffers on the first delta).
-        let cold = run_send(&[], &common(&[format!("http://{g}")]))?;
-        let raw = run_send(&[], &raw_args)?;
-        let staged = run_send(&[], &common(&[format!("http://{g}")]))?;
-        report["first_delta_cold_s"] = serde_json::json!(cold);
+        let raw_args =
+            ["--raw".into(), r.clone(), "--size-mb".into(), a.size_mb.to_string(), "--rounds".into(), rounds.clone()];
+        // Steady state: every sender's first round is untimed, and so is a fresh replica's first delta (it
+        // page-faults in its buffers) before this: the first sender's untimed round.
+        let first = run_send(&[], &common(&[format!("http://{g}")], 1))?;
+        let raw = measure("loopback_raw", &[], &raw_args)?;
+        let staged = measure("loopback_staged", &[], &common(&[format!("http://{g}")], a.rounds))?;
+        report["first_delta_cold_s"] = first["cold_s"].clone();
         report["loopback"] = serde_json::json!({ "raw_s": raw, "staged_s": staged });
         report["throughput_vs_loopback"] = serde_json::json!(raw / staged);
         eprintln!("loopback, one replica: raw TCP {raw:.2} s, staged {staged:.2} s");
@@ -394,16 +421,16 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
     let sw: Vec<&str> = sender.iter().map(String::as_str).collect();
 
     // Warm every replica up (see above), untimed; the raw copy too.
-    let warm = run_send(&sw, &common(&grpc))?;
+    let warm = run_send(&sw, &common(&grpc, 1))?["cold_s"].as_f64().unwrap_or(f64::NAN);
     eprintln!("warm-up broadcast to all {max} replicas: {warm:.2} s");
-    let raw_args = ["--raw".into(), raw_addr, "--size-mb".into(), a.size_mb.to_string()];
-    let raw = run_send(&sw, &raw_args)?;
+    let raw_args = ["--raw".into(), raw_addr, "--size-mb".into(), a.size_mb.to_string(), "--rounds".into(), rounds];
+    let raw = measure("link_raw", &sw, &raw_args)?;
     report["link_raw_s"] = serde_json::json!(raw);
     eprintln!("raw TCP copy of {} MiB to one replica: {raw:.2} s", a.size_mb);
     let mut seconds = serde_json::Map::new();
     let mut by_count = std::collections::BTreeMap::new();
     for &n in &a.replicas {
-        let s = run_send(&sw, &common(&grpc[..n]))?;
+        let s = measure(&n.to_string(), &sw, &common(&grpc[..n], a.rounds))?;
         eprintln!("{n} replica(s): {s:.2} s");
         seconds.insert(n.to_string(), serde_json::json!(s));
         by_count.insert(n, s);
@@ -413,6 +440,8 @@ pub fn run(a: BroadcastBenchArgs) -> Result<()> {
         report[format!("ratio_{most}_vs_1")] = serde_json::json!(s / one);
         report["throughput_vs_link"] = serde_json::json!(raw / one);
     }
+    report["samples"] = serde_json::Value::Object(samples);
+    report["rounds"] = serde_json::json!(a.rounds);
     drop(nodes);
     drop(net);
     if a.json {

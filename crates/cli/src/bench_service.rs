@@ -189,7 +189,7 @@ async fn backend(a: &ServiceBenchArgs, name: &str, store: String, dir: &std::pat
             lease_ms: 5000,
             stage_timeout_ms: 10_000,
             broadcast: "chain".into(),
-            stage_chunk_kb: 1024,
+            stage_chunk_kb: 256,
             compact_every: 100,
         },
     };

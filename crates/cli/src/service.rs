@@ -92,8 +92,8 @@ pub struct TimingArgs {
     #[arg(long, default_value = "chain")]
     pub(crate) broadcast: String,
     /// Chunk size of a staged delta, KiB (each chunk carries its own CRC-32 and is relayed as soon as it arrived;
-    /// the whole delta is checked against its SHA-256).
-    #[arg(long, default_value_t = 1024)]
+    /// the whole delta is checked against its BLAKE3).
+    #[arg(long, default_value_t = 256)]
     pub(crate) stage_chunk_kb: usize,
     /// Replace a namespace's chain by one compaction version every this many versions (replicas then rebuild a
     /// head from the compactions and a short tail), offering documents the gate rejected meanwhile again; 0: never.

@@ -24,9 +24,11 @@ use engram_proto::v1::{replica_client::ReplicaClient, StageAck, StageChunk, Whol
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
-/// Default chunk size: small enough to checksum and resume at fine grain, large enough that per-message overhead
-/// stays below a percent.
-pub const CHUNK_BYTES: usize = 1 << 20;
+/// Default chunk size: small enough that a receiver checks and relays one chunk while the next is on the wire (HTTP/2
+/// buffers about 1 MiB per stream on the sending side), large enough that per-message overhead stays small. One
+/// replica on loopback, 256 MB (`engram bench broadcast`, 2 cores, medians of 5): 256 KiB chunks 0.07 s, 1 MiB 0.10 s,
+/// 4 MiB 0.12 s, against 0.07 s for a raw TCP copy.
+pub const CHUNK_BYTES: usize = 256 << 10;
 
 /// One version to stage.
 #[derive(Debug, Clone)]
