@@ -190,6 +190,17 @@ async fn stores(store: &str, blobs: &str) -> Result<(Arc<dyn LineageStore>, Blob
     Ok((s, b))
 }
 
+/// The coordinator's broadcaster: `--broadcast` over gRPC, and NCCL to the replicas that advertise it when this
+/// process can use NCCL (its NCCL groups meet at its own rendezvous, reached at `listen`).
+fn broadcaster(timing: &TimingArgs, listen: SocketAddr) -> Result<std::sync::Arc<dyn engram_transport::Broadcaster>> {
+    let streaming = engram_transport::broadcaster(&timing.broadcast, timing.stage_chunk_kb << 10)?;
+    let own = match listen.ip() {
+        ip if ip.is_unspecified() => format!("http://127.0.0.1:{}", listen.port()),
+        _ => format!("http://{listen}"),
+    };
+    Ok(engram_transport::collective::for_coordinator(streaming, &own))
+}
+
 fn coordinator_config(t: &TimingArgs) -> engram_coordinator::CoordinatorConfig {
     engram_coordinator::CoordinatorConfig {
         lease_ttl: std::time::Duration::from_millis(t.lease_ms),
@@ -227,15 +238,15 @@ pub fn serve(cmd: Serve) -> Result<()> {
         match cmd {
             Serve::Coordinator { listen, elect, advertise, election_ttl_s, stores: s, timing } => {
                 let (store, blobs) = stores(&s.store, &s.blobs).await?;
+                let listener =
+                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                let addr = listener.local_addr()?;
                 let c = engram_coordinator::Coordinator::new(
                     coordinator_config(&timing),
                     store,
                     blobs,
-                    engram_transport::broadcaster(&timing.broadcast, timing.stage_chunk_kb << 10)?,
+                    broadcaster(&timing, addr)?,
                 );
-                let listener =
-                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-                let addr = listener.local_addr()?;
                 eprintln!("coordinator listening on {addr}");
                 if !elect {
                     c.recover().await?;
@@ -333,14 +344,14 @@ pub async fn up(a: &UpArgs) -> Result<Up> {
         }
         Err(e) => return Err(e.into()),
     }
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let c = engram_coordinator::Coordinator::new(
         coordinator_config(&a.timing),
         store.clone(),
         blobs.clone(),
-        engram_transport::broadcaster(&a.timing.broadcast, a.timing.stage_chunk_kb << 10)?,
+        broadcaster(&a.timing, listener.local_addr()?)?,
     );
     c.recover().await?;
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let coordinator = format!("http://{}", listener.local_addr()?);
     tokio::spawn(engram_coordinator::serve(c, listener, std::future::pending()));
 

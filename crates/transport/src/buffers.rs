@@ -60,8 +60,21 @@ impl Buffer {
         Self(IDLE.take(bytes))
     }
 
+    /// `len` zero bytes, for a receiver that is handed a slice to fill.
+    pub fn zeroed(len: usize) -> Self {
+        let mut b = Self::with_capacity(len);
+        b.0.resize(len, 0);
+        b
+    }
+
     pub fn extend_from_slice(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
     }
 }
 

@@ -8,9 +8,11 @@
 #![forbid(unsafe_code)]
 
 pub mod buffers;
+pub mod collective;
 pub mod lane;
 pub mod pull;
 pub mod relay;
+pub mod rendezvous;
 pub mod sink;
 
 use std::collections::HashMap;
@@ -417,7 +419,7 @@ impl GrpcStream {
 pub fn staging_transports() -> String {
     #[cfg(feature = "nccl")]
     let nccl = match engram_nccl::probe() {
-        Ok(rt) => format!("NCCL available ({rt}), not used yet: this replica's weights live in host memory"),
+        Ok(rt) => format!("NCCL available ({rt}): replicas that advertise it are staged over it, into a GPU buffer copied to host memory (where this build keeps weights)"),
         Err(e) => format!("{e}; staging falls back to gRPC streaming"),
     };
     #[cfg(not(feature = "nccl"))]

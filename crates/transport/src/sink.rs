@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use engram_proto::v1::replica_server::{Replica, ReplicaServer};
 use engram_proto::v1::{
     CommitAck, CommitRequest, GenerateRequest, GenerateResponse, ReplicaStatus, StageAck, StageChunk,
-    StageProgressRequest, StatusRequest,
+    StageCollectiveRequest, StageProgressRequest, StatusRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::collective::{Collective, Meet};
 use crate::relay::{receive, Connect, Partials};
 
 /// What a sink staged: (version, the hash it checked the bytes against, as `Received::checked`), in order.
@@ -27,6 +28,10 @@ pub struct Sink {
     pub relayed_to: Arc<Mutex<Vec<usize>>>,
     partials: Partials,
     connect: Connect,
+    /// Staging over a collective besides streams: the data plane and where its groups meet.
+    collective: Option<(Arc<dyn Collective>, Arc<dyn Meet>)>,
+    /// For each delta staged, how it arrived: "stream" or "collective".
+    pub arrived_by: Arc<Mutex<Vec<&'static str>>>,
 }
 
 impl Sink {
@@ -38,7 +43,21 @@ impl Sink {
             relayed_to: Arc::default(),
             partials: Partials::default(),
             connect,
+            collective: None,
+            arrived_by: Arc::default(),
         }
+    }
+
+    /// Also stages over `collective`, fetching group ids from `meet`.
+    pub fn with_collective(mut self, collective: Arc<dyn Collective>, meet: Arc<dyn Meet>) -> Self {
+        self.collective = Some((collective, meet));
+        self
+    }
+
+    fn record(&self, received: &crate::Received, by: &'static str) {
+        self.resumed_from.lock().expect("resumed").push(received.resumed_from);
+        self.staged.lock().expect("staged").push((received.version.clone(), received.checked.clone()));
+        self.arrived_by.lock().expect("arrived by").push(by);
     }
 
     pub fn server(self) -> ReplicaServer<Self> {
@@ -52,9 +71,8 @@ impl Replica for Sink {
         self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut stream = request.into_inner();
         let (received, relay) = receive(&mut stream, self.connect.clone(), &self.partials).await?;
-        self.resumed_from.lock().expect("resumed").push(received.resumed_from);
         self.relayed_to.lock().expect("relayed").push(relay.subtree_len());
-        self.staged.lock().expect("staged").push((received.version.clone(), received.checked.clone()));
+        self.record(&received, "stream");
         let downstream = relay.finish().await;
         Ok(Response::new(StageAck {
             version: received.version,
@@ -62,6 +80,21 @@ impl Replica for Sink {
             ready: true,
             downstream,
             error: String::new(),
+        }))
+    }
+
+    async fn stage_collective(&self, request: Request<StageCollectiveRequest>) -> Result<Response<StageAck>, Status> {
+        self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let Some((collective, meet)) = self.collective.clone() else {
+            return Err(Status::failed_precondition("this sink stages no collective broadcasts"));
+        };
+        let received = crate::collective::receive(&request.into_inner(), collective, meet.as_ref()).await?;
+        self.record(&received, "collective");
+        Ok(Response::new(StageAck {
+            version: received.version,
+            received: received.bytes.len() as u64,
+            ready: true,
+            ..Default::default()
         }))
     }
 

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use engram_proto::v1::{StageOutcome, StageTarget};
 use engram_transport::relay::Relay;
+use engram_transport::rendezvous::Rendezvous;
 use engram_transport::sink::Sink;
-use engram_transport::{checked_hash, chunks, Broadcaster, GrpcStream, Pipelined, Staging, Target, RELAY, STREAM};
+use engram_transport::{
+    checked_hash, chunks, collective, Broadcaster, GrpcStream, Pipelined, Staging, Target, RELAY, STREAM,
+};
 use sha2::{Digest, Sha256};
 
 struct Node {
@@ -23,10 +26,13 @@ struct Node {
 
 impl Node {
     fn start(i: usize) -> Self {
+        Self::start_with(i, Sink::new(Arc::new(GrpcStream::default()).connector()))
+    }
+
+    fn start_with(i: usize, sink: Sink) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
-        let sink = Sink::new(Arc::new(GrpcStream::default()).connector());
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
         let server = sink.clone();
         let thread = std::thread::spawn(move || {
@@ -178,4 +184,102 @@ async fn replicas_that_do_not_relay_get_their_own_stream() {
     }
     let relayed: Vec<Vec<usize>> = nodes.iter().map(|n| n.sink.relayed_to.lock().unwrap().clone()).collect();
     assert_eq!(relayed, vec![vec![1], vec![0], vec![0]], "r0 should relay to r2 only");
+}
+
+/// Sinks that also stage over an in-process collective (NCCL's semantics), meeting at one rendezvous.
+fn collective_nodes(n: usize, first: usize, c: &collective::Local, meet: &Arc<Rendezvous>) -> Vec<Node> {
+    (first..first + n)
+        .map(|i| {
+            let sink = Sink::new(Arc::new(GrpcStream::default()).connector());
+            Node::start_with(i, sink.with_collective(Arc::new(c.clone()), meet.clone()))
+        })
+        .collect()
+}
+
+fn with_transports(nodes: &[Node], transports: &[&str]) -> Vec<Target> {
+    let transports: Vec<String> = transports.iter().map(|t| t.to_string()).collect();
+    nodes
+        .iter()
+        .map(|n| Target { id: n.target.id.clone(), address: n.target.address.clone(), transports: transports.clone() })
+        .collect()
+}
+
+fn recorded(mut it: Staging) -> Staging {
+    it.blake3 = Some(engram_lineage::blob::transfer_hash(&it.bytes));
+    it
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_advertise_nccl_are_staged_over_it_and_the_others_by_stream() {
+    let it = recorded(item(1 << 20));
+    let (c, meet) = (collective::Local::default(), Arc::new(Rendezvous::default()));
+    let gpu = collective_nodes(3, 0, &c, &meet);
+    let cpu: Vec<Node> = (3..5).map(Node::start).collect();
+    let mut targets = with_transports(&gpu, &[STREAM, RELAY, collective::NCCL]);
+    targets.extend(with_transports(&cpu, &[STREAM, RELAY]));
+    let b = collective::CollectiveBroadcast::new(Arc::new(c), meet, Arc::new(Pipelined::new(1, 64 << 10)));
+    let acks = b.stage(&targets, &it, Duration::from_secs(20)).await;
+    for (t, a) in targets.iter().zip(&acks) {
+        let a = a.as_ref().unwrap_or_else(|e| panic!("{}: {e:#}", t.id));
+        assert!(a.ready && a.received == it.bytes.len() as u64, "{}: {a:?}", t.id);
+    }
+    for n in gpu.iter().chain(&cpu) {
+        assert_eq!(staged(n), vec![(it.version.clone(), checked_hash(&it.bytes))], "{}", n.target.id);
+    }
+    assert!(gpu.iter().all(|n| *n.sink.arrived_by.lock().unwrap() == vec!["collective"]));
+    assert!(cpu.iter().all(|n| *n.sink.arrived_by.lock().unwrap() == vec!["stream"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_is_aborted_in_time_and_its_replicas_are_streamed_to_instead() {
+    let it = recorded(item(1 << 20));
+    let (c, meet) = (collective::Local::default(), Arc::new(Rendezvous::default()));
+    // The third "GPU" replica never joins: it advertises NCCL but has no collective (as one whose GPU vanished), so
+    // the group waits for it, times out and is aborted. (The second would receive one bit flipped, had the broadcast
+    // happened.)
+    let corrupt = c.corrupting(2);
+    let mut gpu = collective_nodes(1, 0, &c, &meet);
+    gpu.extend(collective_nodes(1, 1, &corrupt, &meet));
+    gpu.push(Node::start(2));
+    let targets = with_transports(&gpu, &[STREAM, RELAY, collective::NCCL]);
+    let b = collective::CollectiveBroadcast::new(Arc::new(c), meet, Arc::new(Pipelined::new(1, 64 << 10)));
+    let start = Instant::now();
+    let acks = b.stage(&targets, &it, Duration::from_secs(4)).await;
+    assert!(start.elapsed() < Duration::from_secs(4), "bounded by the deadline: {:?}", start.elapsed());
+    assert!(acks.iter().all(|a| a.is_ok()), "{acks:?}");
+    for n in &gpu {
+        // Whatever happened in the group, every replica staged the true bytes, by stream.
+        assert_eq!(staged(n), vec![(it.version.clone(), checked_hash(&it.bytes))], "{}", n.target.id);
+        assert_eq!(*n.sink.arrived_by.lock().unwrap(), vec!["stream"], "{}", n.target.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_do_not_match_the_recorded_blake3_are_never_staged() {
+    let it = recorded(item(256 << 10));
+    let (c, meet) = (collective::Local::default(), Arc::new(Rendezvous::default()));
+    let corrupt = c.corrupting(1);
+    let gpu = collective_nodes(1, 0, &corrupt, &meet);
+    let targets = with_transports(&gpu, &[STREAM, collective::NCCL]);
+    // Only the collective is tried: the fallback reaches nobody.
+    struct Nobody;
+    #[async_trait::async_trait]
+    impl Broadcaster for Nobody {
+        fn name(&self) -> &'static str {
+            "nobody"
+        }
+        async fn stage(
+            &self,
+            t: &[Target],
+            _: &Staging,
+            _: Duration,
+        ) -> Vec<anyhow::Result<engram_proto::v1::StageAck>> {
+            t.iter().map(|_| Err(anyhow::anyhow!("no fallback here"))).collect()
+        }
+    }
+    let b = collective::CollectiveBroadcast::new(Arc::new(c), meet, Arc::new(Nobody));
+    let acks = b.stage(&targets, &it, Duration::from_secs(5)).await;
+    assert!(acks[0].is_err());
+    assert!(staged(&gpu[0]).is_empty(), "a corrupted copy was staged");
+    assert_eq!(gpu[0].sink.attempts.load(Ordering::SeqCst), 1);
 }

@@ -14,7 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
-pub mod rendezvous;
+pub use engram_transport::rendezvous;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -93,6 +93,8 @@ pub struct Replica {
     relay: engram_transport::relay::Connect,
     /// Staging streams that broke off, kept for a resume.
     partials: engram_transport::relay::Partials,
+    /// The GPU broadcast this replica stages over besides streams (NCCL), when it has one.
+    collective: Option<Arc<dyn engram_transport::collective::Collective>>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -116,6 +118,7 @@ impl Replica {
             ready: false.into(),
             relay: Arc::new(engram_transport::GrpcStream::default()).connector(),
             partials: Default::default(),
+            collective: engram_transport::collective::this_gpu(),
         })
     }
 
@@ -436,7 +439,7 @@ impl Replica {
                         id: self.cfg.id.clone(),
                         address: self.cfg.advertise.clone(),
                         namespaces,
-                        transports: vec![engram_transport::STREAM.into(), engram_transport::RELAY.into()],
+                        transports: self.transports(),
                     })
                     .await?
                     .into_inner();
@@ -447,6 +450,27 @@ impl Replica {
     }
 }
 
+impl Replica {
+    /// What this replica accepts deltas over, as it registers.
+    fn transports(&self) -> Vec<String> {
+        let mut t = vec![engram_transport::STREAM.to_string(), engram_transport::RELAY.to_string()];
+        if self.collective.is_some() {
+            t.push(engram_transport::collective::NCCL.to_string());
+        }
+        t
+    }
+
+    async fn stage_collective(&self, r: engram_proto::v1::StageCollectiveRequest) -> Result<StageAck, Status> {
+        let Some(collective) = self.collective.clone() else {
+            return Err(Status::failed_precondition("this replica stages no collective broadcasts (no NCCL here)"));
+        };
+        let coordinators = self.cfg.coordinator.iter().flat_map(|c| c.split(',')).map(str::to_string).collect();
+        let meet = engram_transport::collective::GrpcMeet { coordinators };
+        let received = engram_transport::collective::receive(&r, collective, &meet).await?;
+        self.prepare_staged(received).await
+    }
+}
+
 /// The Replica gRPC service over a [`Replica`].
 pub struct Service(pub Arc<Replica>);
 
@@ -454,6 +478,13 @@ pub struct Service(pub Arc<Replica>);
 impl replica_server::Replica for Service {
     async fn stage(&self, request: Request<Streaming<StageChunk>>) -> Result<Response<StageAck>, Status> {
         self.0.stage_chunks(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn stage_collective(
+        &self,
+        request: Request<engram_proto::v1::StageCollectiveRequest>,
+    ) -> Result<Response<StageAck>, Status> {
+        self.0.stage_collective(request.into_inner()).await.map(Response::new)
     }
 
     async fn stage_progress(

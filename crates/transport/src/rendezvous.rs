@@ -1,5 +1,5 @@
-//! NCCL bootstrap through the coordinator: the root of a GPU broadcast group posts its NCCL unique id, the other
-//! ranks fetch it. Groups live in the leader's memory for ten minutes (a communicator is built within seconds of its
+//! NCCL bootstrap through the coordinator (its `NcclRendezvous`): the root of a GPU broadcast group posts its NCCL
+//! unique id, the other ranks fetch it. Groups live in the leader's memory for ten minutes (a communicator is built within seconds of its
 //! id; a lost leader means the group is rebuilt with a fresh id anyway).
 
 use std::collections::HashMap;
