@@ -122,3 +122,78 @@ async fn a_chunk_corrupted_on_the_way_is_refused_and_sent_again() {
     assert!(!log("coordinator-0").contains("marked stale"), "a replica was passed over");
     drop(procs);
 }
+
+/// The acceptance scenario at full size: a 256 MB delta down a chain of five staging processes (`engram bench
+/// broadcast-node`: they receive, check and relay exactly as replicas do, and keep nothing but the hash), the middle one
+/// killed with SIGKILL while it relays. The other four stage copies checked against the delta's BLAKE3 (a process
+/// acknowledges only after that check). The catch-up by pull of a restarted replica is the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_process_of_five_killed_during_a_256_mb_broadcast() {
+    use engram_transport::{Broadcaster, Pipelined, Staging, Target, RELAY};
+    let dir = tempfile::tempdir().unwrap();
+    let _logs =
+        KeepLogsOnFailure(dir.path().to_path_buf(), "a_middle_process_of_five_killed_during_a_256_mb_broadcast");
+    let port = free_ports(10);
+    // 2 ms per relayed chunk: 1024 chunks of 256 KiB take each relay about two seconds, so the kill lands mid-stream.
+    let slow = [("ENGRAM_FAULT_RELAY_DELAY_MS", "2")];
+    let mut nodes: Vec<Proc> = (0..5u16)
+        .map(|i| {
+            let (grpc, raw) = (format!("127.0.0.1:{}", port + 2 * i), format!("127.0.0.1:{}", port + 2 * i + 1));
+            let log = dir.path().join(format!("node-{i}.log"));
+            engram_with_env(&["bench", "broadcast-node", "--listen", &grpc, "--raw", &raw], &log, &slow)
+        })
+        .collect();
+    let targets: Vec<Target> = (0..5u16)
+        .map(|i| Target {
+            id: format!("node-{i}"),
+            address: format!("http://127.0.0.1:{}", port + 2 * i),
+            transports: vec![RELAY.to_string()],
+        })
+        .collect();
+    for t in &targets {
+        let addr = t.address.trim_start_matches("http://").to_string();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "{} never listened", t.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut bytes = vec![0u8; 256 << 20];
+    blake3::Hasher::new().update(b"a 256 MB delta").finalize_xof().fill(&mut bytes);
+    let item = Staging {
+        namespace: "chain".into(),
+        version: "v-256mb".into(),
+        chain: vec![],
+        hash: engram_lineage::blob::digest(&bytes),
+        blake3: Some(engram_lineage::blob::transfer_hash(&bytes)),
+        bytes: bytes.into(),
+    };
+    let size = item.bytes.len() as u64;
+    let staging = {
+        let (targets, item) = (targets.clone(), item.clone());
+        tokio::spawn(async move {
+            Pipelined::new(1, engram_transport::CHUNK_BYTES).stage(&targets, &item, Duration::from_secs(120)).await
+        })
+    };
+
+    let log = dir.path().join("node-2.log");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("receiving a staged delta") {
+        assert!(start.elapsed() < Duration::from_secs(60), "node-2 never started receiving");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(std::mem::replace(&mut nodes[2], Proc::none())); // SIGKILL
+    let killed_at = start.elapsed();
+
+    let acks = staging.await.unwrap();
+    eprintln!("node-2 killed {killed_at:?} after it began receiving; staging took {:?} in all", start.elapsed());
+    assert!(acks[2].is_err(), "the killed process acknowledged: {:?}", acks[2]);
+    for i in [0, 1, 3, 4] {
+        let ack = acks[i].as_ref().unwrap_or_else(|e| panic!("node-{i}: {e:#}"));
+        assert!(ack.ready && ack.received == size, "node-{i}: {ack:?}");
+    }
+    // node-3 lost its upstream mid-stream and was resumed by node-1, not sent everything again.
+    let resumed = std::fs::read_to_string(dir.path().join("node-3.log")).unwrap();
+    assert!(resumed.contains("resuming a staged delta at byte"), "node-3 was not resumed:\n{resumed}");
+}

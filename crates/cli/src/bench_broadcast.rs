@@ -105,6 +105,7 @@ fn payload(size_mb: usize) -> Staging {
 
 /// A staging sink and a raw TCP sink, until killed.
 pub fn node(a: NodeArgs) -> Result<()> {
+    crate::service::init_tracing();
     let raw = TcpListener::bind(&a.raw).with_context(|| format!("binding {}", a.raw))?;
     std::thread::spawn(move || {
         for mut s in raw.incoming().flatten() {
