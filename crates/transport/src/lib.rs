@@ -394,7 +394,12 @@ impl GrpcStream {
         if targets.is_empty() {
             return Vec::new(); // without cutting (and hashing) the delta for nobody
         }
-        let chunks: Vec<StageChunk> = chunks(item, self.chunk_bytes).collect();
+        // Cut once for every target, off the staging thread (other broadcasts share it).
+        let (whole, size) = (item.clone(), self.chunk_bytes);
+        let chunks: Vec<StageChunk> = match tokio::task::spawn_blocking(move || chunks(&whole, size).collect()).await {
+            Ok(c) => c,
+            Err(e) => return targets.iter().map(|_| Err(anyhow::anyhow!("cutting the delta: {e}"))).collect(),
+        };
         let each = targets.iter().map(|t| {
             let chunks = chunks.clone();
             async move {
@@ -496,6 +501,9 @@ impl Pipelined {
         let direct: Vec<Target> = targets.iter().filter(|t| !t.relays()).cloned().collect();
         let deadline = std::time::Instant::now() + timeout;
         let pipelined = async {
+            if list.is_empty() {
+                return Vec::new(); // without cutting (and checksumming) the delta for nobody
+            }
             let mut relay = relay::Relay::new(&list, self.fanout, Some(deadline), self.channels.connector());
             for c in chunks(item, self.chunk_bytes) {
                 relay.forward(c).await;

@@ -32,6 +32,8 @@ pub struct Sink {
     collective: Option<(Arc<dyn Collective>, Arc<dyn Meet>)>,
     /// For each delta staged, how it arrived: "stream" or "collective".
     pub arrived_by: Arc<Mutex<Vec<&'static str>>>,
+    /// The codes of the collective stagings it refused.
+    pub refused: Arc<Mutex<Vec<tonic::Code>>>,
 }
 
 impl Sink {
@@ -45,6 +47,7 @@ impl Sink {
             connect,
             collective: None,
             arrived_by: Arc::default(),
+            refused: Arc::default(),
         }
     }
 
@@ -88,7 +91,9 @@ impl Replica for Sink {
         let Some((collective, meet)) = self.collective.clone() else {
             return Err(Status::failed_precondition("this sink stages no collective broadcasts"));
         };
-        let received = crate::collective::receive(&request.into_inner(), collective, meet.as_ref()).await?;
+        let received = crate::collective::receive(&request.into_inner(), collective, meet.as_ref())
+            .await
+            .inspect_err(|s| self.refused.lock().expect("refused").push(s.code()))?;
         self.record(&received, "collective");
         Ok(Response::new(StageAck {
             version: received.version,

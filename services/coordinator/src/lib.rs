@@ -561,7 +561,7 @@ impl Coordinator {
     ) -> Result<(f64, f64)> {
         let t0 = Instant::now();
         let bytes = self.blobs.get(&version.delta_hash).await?;
-        let item = Staging {
+        let mut item = Staging {
             namespace: ns.to_string(),
             version: version.id.to_string(),
             chain: version.parent.iter().map(|p| p.to_string()).collect(),
@@ -570,7 +570,26 @@ impl Coordinator {
             blake3: version.delta_blake3.clone(),
         };
         let targets = self.targets();
-        let outcomes = self.broadcaster.stage(&targets, &item, self.cfg.stage_timeout).await;
+        // The recorded BLAKE3 came from the worker: checked here beside the staging (off its path). A wrong one
+        // (a worker's bug, version skew) would make every replica refuse the delta for good; it is staged again with
+        // the right one instead.
+        let check = item.blake3.is_some().then(|| {
+            let b = item.bytes.clone();
+            tokio::task::spawn_blocking(move || lin::blob::transfer_hash(&b))
+        });
+        let mut outcomes = self.broadcaster.stage(&targets, &item, self.cfg.stage_timeout).await;
+        if let Some(check) = check {
+            let actual = check.await.context("hashing the delta")?;
+            if item.blake3.as_deref() != Some(actual.as_str()) {
+                tracing::error!(
+                    version = %version.id.short(),
+                    "the version was recorded with BLAKE3 {} but its delta hashes to {actual}; staging it again",
+                    item.blake3.as_deref().unwrap_or_default()
+                );
+                item.blake3 = Some(actual);
+                outcomes = self.broadcaster.stage(&targets, &item, self.cfg.stage_timeout).await;
+            }
+        }
         let mut staged = Vec::new();
         for (t, o) in targets.iter().zip(outcomes) {
             let mut st = self.state.lock().expect("state");
