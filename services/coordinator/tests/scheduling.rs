@@ -28,6 +28,14 @@ async fn start_with(
     store: Option<(Arc<dyn LineageStore>, BlobStore, tempfile::TempDir)>,
     cfg: CoordinatorConfig,
 ) -> Cluster {
+    start_full(store, cfg, Arc::new(engram_transport::GrpcStream::default())).await
+}
+
+async fn start_full(
+    store: Option<(Arc<dyn LineageStore>, BlobStore, tempfile::TempDir)>,
+    cfg: CoordinatorConfig,
+    broadcaster: Arc<dyn engram_transport::Broadcaster>,
+) -> Cluster {
     let (store, blobs, dir) = match store {
         Some(s) => s,
         None => {
@@ -39,7 +47,7 @@ async fn start_with(
         }
     };
     let cfg = CoordinatorConfig { lease_ttl: Duration::from_millis(400), ..cfg };
-    let c = Coordinator::new(cfg, store.clone(), blobs.clone(), Arc::new(engram_transport::GrpcStream::default()));
+    let c = Coordinator::new(cfg, store.clone(), blobs.clone(), broadcaster);
     c.recover().await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
@@ -297,4 +305,50 @@ async fn a_chain_is_compacted_and_rejected_documents_are_offered_again() {
         .await
         .unwrap();
     assert_eq!(c.store.namespace("ns").await.unwrap().head, Some(live[0].clone()));
+}
+
+/// A broadcaster that stages nowhere and records the BLAKE3 each staging carried.
+#[derive(Default)]
+struct Recording(std::sync::Mutex<Vec<Option<String>>>);
+
+#[async_trait::async_trait]
+impl engram_transport::Broadcaster for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    async fn stage(
+        &self,
+        targets: &[engram_transport::Target],
+        item: &engram_transport::Staging,
+        _: Duration,
+    ) -> Vec<anyhow::Result<pb::StageAck>> {
+        self.0.lock().unwrap().push(item.blake3.clone());
+        targets.iter().map(|_| Ok(pb::StageAck { ready: true, ..Default::default() })).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_recorded_blake3_is_caught_and_the_delta_staged_again_with_the_right_one() {
+    use pb::complete_job_request::Outcome;
+    let recording = Arc::new(Recording::default());
+    let c = start_full(None, CoordinatorConfig::default(), recording.clone()).await;
+    let (mut w, lease) = worker(&c.address, "w").await;
+    for (key, recorded) in [("right", None), ("wrong", Some("0".repeat(64)))] {
+        let job = c.coordinator.consolidate(request("ns", key)).await.unwrap();
+        let got = next(&mut w, "w", lease, 1000).await;
+        let mut d = delta(&c.blobs, key).await;
+        let bytes = c.blobs.get(&d.hash).await.unwrap();
+        let right = engram_lineage::blob::transfer_hash(&bytes);
+        d.blake3 = recorded.clone().unwrap_or_else(|| right.clone());
+        w.complete_job(complete("w", lease, &got, Outcome::Delta(d))).await.unwrap();
+        wait_state(&c.store, &job.id, engram_lineage::JobState::Live).await;
+        let staged = std::mem::take(&mut *recording.0.lock().unwrap());
+        match recorded {
+            // The worker's hash was right: one staging, with it.
+            None => assert_eq!(staged, vec![Some(right)]),
+            // A wrong one: staged with it, caught beside the staging, staged again with the right one.
+            Some(wrong) => assert_eq!(staged, vec![Some(wrong), Some(right)]),
+        }
+    }
 }
