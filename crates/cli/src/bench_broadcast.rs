@@ -148,15 +148,9 @@ pub fn send(a: SendArgs) -> Result<()> {
     let cpu = cpu_seconds();
     let samples = (0..rounds).map(|_| once()).collect::<Result<Vec<f64>>>()?;
     let cpu = cpu_seconds().zip(cpu).map(|(after, before)| (after - before) / rounds as f64);
-    let seconds = median(&samples);
+    let seconds = engram_eval::percentile(&samples, 0.5);
     println!("{}", serde_json::json!({ "seconds": seconds, "samples": samples, "cold_s": cold, "cpu_s": cpu }));
     Ok(())
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// CPU time this process has used (user and system), from /proc (Linux; 10 ms resolution).

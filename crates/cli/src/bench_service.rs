@@ -80,13 +80,6 @@ struct Backend {
     end_to_end: EndToEnd,
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 async fn ack_flood(coordinator: &str, ns: &str, clients: usize, seconds: f64) -> Result<Ack> {
     let doc =
         "<doc> Golhal Kineldley was born in Oskruswick . Golhal Kineldley works for Bryquocorp . </doc>".to_string();
@@ -124,8 +117,8 @@ async fn ack_flood(coordinator: &str, ns: &str, clients: usize, seconds: f64) ->
         accepted: lat.len(),
         errors,
         per_second: lat.len() as f64 / elapsed,
-        p50_ms: quantile(&lat, 0.5),
-        p99_ms: quantile(&lat, 0.99),
+        p50_ms: engram_eval::percentile(&lat, 0.5),
+        p99_ms: engram_eval::percentile(&lat, 0.99),
     })
 }
 
@@ -168,7 +161,7 @@ async fn end_to_end(coordinator: &str, ns: &str, docs: usize, replicas: usize) -
         replicas,
         live: rows.len(),
         mean,
-        p50_total_ms: quantile(&totals, 0.5),
+        p50_total_ms: engram_eval::percentile(&totals, 0.5),
         max_total_ms: totals.last().copied().unwrap_or(f64::NAN),
     })
 }

@@ -41,6 +41,16 @@ pub struct BaseReport {
 pub const SUITES: [&str; 6] =
     ["icl_single", "icl_multi", "icl_heldout_phrasing", "closed_book_known", "closed_book_fresh", "skills"];
 
+/// The `p` quantile (0 to 1) of `xs`, nearest rank; NaN for none. Benchmarks report medians and tails with it.
+pub fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
+}
+
 /// Draws suite `index`'s `n` probes. People come from the `fresh` (held-out) split unless the suite is about known
 /// people; the seed picks which.
 pub fn suite_probes(world: &World, seed: u64, index: usize, n: usize) -> Vec<Probe> {
@@ -184,6 +194,14 @@ impl BaseReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let xs = [5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!((percentile(&xs, 0.0), percentile(&xs, 0.5), percentile(&xs, 1.0)), (1.0, 3.0, 5.0));
+        assert_eq!(percentile(&[2.0, 1.0, 4.0, 3.0], 0.5), 3.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
 
     #[test]
     fn teacher_forced_exact_match_agrees_with_greedy_decoding() {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Tensor;
-use engram_eval::{score, suite_probes};
+use engram_eval::{percentile, score, suite_probes};
 use engram_model::{BaseModel, ForwardOptions, LoraSet, Positions};
 use engram_world::{Person, Phrasing, Probe, Rng, Split, World};
 use serde::Serialize;
@@ -29,15 +29,6 @@ pub fn peak_rss_mb() -> f64 {
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     engram_eval::heap::reset_peak();
-}
-
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn mean(hits: &[bool]) -> f64 {
