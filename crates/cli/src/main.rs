@@ -722,6 +722,10 @@ fn world_sample(seed: u64, count: usize) -> Result<()> {
     show("reading documents (training: 1-8 reading people, questions with answers)", {
         (0..count).map(|i| world.reading_sample(&mut rng, 1 + i * 3 % 8).text()).collect()
     });
+    show("reading with paraphrased questions and recaps (recipes with `paraphrases` and `recaps`)", {
+        let asking = engram_world::Asking { paraphrases: true, recaps: [1, 2], ..Default::default() };
+        (0..count).map(|i| world.reading_sample_asking(&mut rng, 1 + i % 3, &asking).text()).collect()
+    });
     show("known-person biography (training)", (0..count).map(|_| world.known_bio_sample(&mut rng).text()).collect());
     show("closed-book question (training)", (0..count).map(|_| world.closed_book_sample(&mut rng).text()).collect());
     show("held-out question phrasing (evaluation only)", {

@@ -36,6 +36,10 @@ pub struct MetaConfig {
     /// Relative frequency of documents of 1, 2, 3 and 4 people.
     pub doc_people: [f64; 4],
     pub questions_per_doc: usize,
+    /// Ask the document's own questions in the world's extra paraphrases too (never the held-out phrasing), so a
+    /// delta is trained to answer however the question is worded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paraphrases: bool,
     /// Keep questions per document: about known people from the start, about other documents' people from
     /// `negatives_from` (a fraction of the run) on. Specificity pressure from step 0 stalls learning.
     pub keep_known: usize,
@@ -83,6 +87,7 @@ impl MetaConfig {
             docs_per_step: 16,
             doc_people: [0.4, 0.2, 0.2, 0.2],
             questions_per_doc: 4,
+            paraphrases: false,
             keep_known: 1,
             keep_namesakes: 0,
             keep_skills: 0,
@@ -237,7 +242,7 @@ fn sample_step(
         let mut teacher_answers = Vec::new();
         for _ in 0..cfg.questions_per_doc {
             let who = rng.pick(ps).clone();
-            let (_, q, a) = world.question_for(&mut rng, &who, Phrasing::Trained);
+            let (_, q, a) = world.training_question_for(&mut rng, &who, cfg.paraphrases);
             let r = row(base, &q, &a, i)?;
             teacher.extend(base.encode(&q)?);
             let start = teacher.len();

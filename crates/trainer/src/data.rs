@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use engram_model::{Positions, Tokenizer};
-use engram_world::{Rng, Role, Sample, SampleKind, World, MAX_DOC_PEOPLE};
+use engram_world::{Asking, Rng, Role, Sample, SampleKind, World, MAX_DOC_PEOPLE};
 use serde::{Deserialize, Serialize};
 
 /// Sampling weights of the kinds of training text, and loss weights of their roles.
@@ -42,6 +42,18 @@ pub struct Mix {
     /// answer far less often: an experiment knob for the year-reading failure (issue 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reading_attribute_weights: Option<[f64; 5]>,
+    /// Also ask training questions in the world's extra paraphrases (never the held-out phrasing), so the model
+    /// learns to read a question rather than match two templates per attribute.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paraphrases: bool,
+    /// Fewest and most recaps after a reading document: one of its facts restated in a random biography phrasing,
+    /// the value graded like an answer (dense practice at binding a value to its name).
+    #[serde(default, skip_serializing_if = "no_recaps")]
+    pub recaps: [usize; 2],
+}
+
+fn no_recaps(r: &[usize; 2]) -> bool {
+    r[1] == 0
 }
 
 fn one_to_three() -> [usize; 2] {
@@ -66,6 +78,8 @@ impl Default for Mix {
             reading_text_weight: 1.0,
             questions: one_to_three(),
             reading_attribute_weights: None,
+            paraphrases: false,
+            recaps: [0, 0],
         }
     }
 }
@@ -76,10 +90,16 @@ impl Mix {
             0 => {
                 let freq = if step < self.short_docs_until { &self.short_doc_people } else { &self.doc_people };
                 let people = 1 + rng.weighted(freq);
-                world.reading_sample_weighted(rng, people, self.questions, self.reading_attribute_weights.as_ref())
+                let asking = Asking {
+                    questions: self.questions,
+                    attribute_weights: self.reading_attribute_weights.as_ref(),
+                    paraphrases: self.paraphrases,
+                    recaps: self.recaps,
+                };
+                world.reading_sample_asking(rng, people, &asking)
             }
             1 => world.known_bio_sample(rng),
-            2 => world.closed_book_sample(rng),
+            2 => world.closed_book_sample_asking(rng, self.paraphrases),
             _ => world.skill_sample(rng),
         }
     }

@@ -152,6 +152,25 @@ pub struct Probe {
     pub attribute: Option<Attribute>,
 }
 
+/// What a reading sample asks after its document.
+#[derive(Debug, Clone, Copy)]
+pub struct Asking<'a> {
+    /// Fewest and most questions.
+    pub questions: [usize; 2],
+    /// Relative frequency of each attribute (indexed like [`Attribute::ALL`]); `None`: uniform.
+    pub attribute_weights: Option<&'a [f64; 5]>,
+    /// Ask in [`text::PARAPHRASE`]'s wordings too.
+    pub paraphrases: bool,
+    /// Fewest and most recaps: facts of the document restated after it, value graded like an answer.
+    pub recaps: [usize; 2],
+}
+
+impl Default for Asking<'_> {
+    fn default() -> Self {
+        Self { questions: [1, 3], attribute_weights: None, paraphrases: false, recaps: [0, 0] }
+    }
+}
+
 /// Which question phrasings a probe may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phrasing {
@@ -356,35 +375,76 @@ impl World {
 
     /// A reading document followed by `questions[0]..=questions[1]` questions about its people.
     pub fn reading_sample_with(&self, rng: &mut Rng, people: usize, questions: [usize; 2]) -> Sample {
-        self.reading_sample_weighted(rng, people, questions, None)
+        self.reading_sample_asking(rng, people, &Asking { questions, ..Asking::default() })
     }
 
-    /// [`World::reading_sample_with`], asking about each attribute with relative frequency `attribute_weights`
-    /// (indexed like [`Attribute::ALL`]; `None`: uniformly, drawing exactly as `reading_sample_with` does).
-    pub fn reading_sample_weighted(
-        &self,
-        rng: &mut Rng,
-        people: usize,
-        questions: [usize; 2],
-        attribute_weights: Option<&[f64; 5]>,
-    ) -> Sample {
+    /// A reading document of `people` reading-split people, then what `asking` says to ask about it.
+    pub fn reading_sample_asking(&self, rng: &mut Rng, people: usize, asking: &Asking) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let doc = self.document(rng, &people, true);
         let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> {doc}") }];
-        for _ in 0..rng.range(questions[0], questions[1]) {
+        let mut questions = rng.range(asking.questions[0], asking.questions[1]);
+        let mut recaps = if asking.recaps[1] > 0 { rng.range(asking.recaps[0], asking.recaps[1]) } else { 0 };
+        while questions + recaps > 0 {
+            // Recaps and questions interleave at random, so neither has a fixed place after the document.
+            let recap = recaps > 0 && (questions == 0 || rng.below(questions + recaps) < recaps);
             let who = rng.pick(&people);
-            let (_, q, a) = match attribute_weights {
-                None => self.question_for(rng, who, Phrasing::Trained),
-                Some(w) => {
-                    let attribute = Attribute::ALL[rng.weighted(w)];
-                    self.question_about(rng, who, attribute, Phrasing::Trained)
-                }
+            if recap {
+                recaps -= 1;
+                segments.extend(self.recap(rng, who));
+                continue;
+            }
+            questions -= 1;
+            let attribute = match asking.attribute_weights {
+                None => *rng.pick(&Attribute::ALL),
+                Some(w) => Attribute::ALL[rng.weighted(w)],
             };
+            let (_, q, a) = self.training_question(rng, who, attribute, asking.paraphrases);
             segments.push(Segment { role: Role::Prompt, text: q });
             // Every answer ends in `<eos>`, as in evaluation, even when another question follows.
             segments.push(Segment { role: Role::Answer, text: a });
         }
         Sample { kind: SampleKind::Reading, segments }
+    }
+
+    /// A training question about a random attribute of `person` (see [`World::training_question`]).
+    pub fn training_question_for(&self, rng: &mut Rng, person: &Person, paraphrases: bool) -> (Attribute, String, String) {
+        let attribute = *rng.pick(&Attribute::ALL);
+        self.training_question(rng, person, attribute, paraphrases)
+    }
+
+    /// A question for training: a trained phrasing, or with `paraphrases` also one of [`text::PARAPHRASE`].
+    pub fn training_question(
+        &self,
+        rng: &mut Rng,
+        person: &Person,
+        attribute: Attribute,
+        paraphrases: bool,
+    ) -> (Attribute, String, String) {
+        let extra = &text::PARAPHRASE[attribute.index()];
+        if !paraphrases {
+            return self.question_about(rng, person, attribute, Phrasing::Trained);
+        }
+        let k = rng.below(TRAINED_PHRASINGS.len() + extra.len());
+        let q = match k.checked_sub(TRAINED_PHRASINGS.len()) {
+            Some(i) => text::fill(extra[i], &person.name(), ""),
+            None => text::question(attribute, TRAINED_PHRASINGS[k], &person.name()),
+        };
+        (attribute, format!("Q : {q} A :"), format!("{} <eos>", person.value(attribute)))
+    }
+
+    /// One fact of `who` restated after the document in a random biography phrasing, the value graded like an
+    /// answer: a binding exercise with the answer in the text itself (find this name's sentence about this
+    /// attribute, however it was phrased, and copy its value).
+    fn recap(&self, rng: &mut Rng, who: &Person) -> [Segment; 3] {
+        let attribute = *rng.pick(&Attribute::ALL);
+        let template = text::BIO[attribute.index()][rng.below(text::BIO_ORDER.len())];
+        let (before, after) = template.split_once("{V}").expect("every biography sentence has a value");
+        [
+            Segment { role: Role::Text, text: text::fill(before, &who.name(), "").trim_end().to_string() },
+            Segment { role: Role::Answer, text: who.value(attribute).to_string() },
+            Segment { role: Role::Text, text: after.trim().to_string() },
+        ]
     }
 
     pub fn known_bio_sample(&self, rng: &mut Rng) -> Sample {
@@ -394,8 +454,14 @@ impl World {
     }
 
     pub fn closed_book_sample(&self, rng: &mut Rng) -> Sample {
+        self.closed_book_sample_asking(rng, false)
+    }
+
+    /// A closed-book question about a known person, with `paraphrases` also in [`text::PARAPHRASE`]'s wordings.
+    pub fn closed_book_sample_asking(&self, rng: &mut Rng, paraphrases: bool) -> Sample {
         let p = rng.pick(&self.known).clone();
-        let (_, q, a) = self.question_for(rng, &p, Phrasing::Trained);
+        let attribute = *rng.pick(&Attribute::ALL);
+        let (_, q, a) = self.training_question(rng, &p, attribute, paraphrases);
         Sample {
             kind: SampleKind::ClosedBook,
             segments: vec![
@@ -520,21 +586,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn weighted_reading_questions_follow_their_weights_and_uniform_draws_as_before() {
+    fn weighted_reading_questions_follow_their_weights() {
         let w = World::new();
-        let (mut a, mut b) = (Rng::derive(5, 1), Rng::derive(5, 1));
-        for _ in 0..20 {
-            let (x, y) = (w.reading_sample_with(&mut a, 2, [2, 4]), w.reading_sample_weighted(&mut b, 2, [2, 4], None));
-            assert_eq!(format!("{x:?}"), format!("{y:?}"));
-        }
         let mut rng = Rng::derive(6, 1);
         let only_years = [0.0, 1.0, 0.0, 0.0, 0.0];
+        let asking = Asking { questions: [2, 4], attribute_weights: Some(&only_years), ..Asking::default() };
         for _ in 0..20 {
-            let s = w.reading_sample_weighted(&mut rng, 2, [2, 4], Some(&only_years));
+            let s = w.reading_sample_asking(&mut rng, 2, &asking);
             for q in s.segments.iter().filter(|g| g.role == Role::Prompt) {
                 assert!(q.text.contains("born ?") && !q.text.contains("where"), "not a year question: {}", q.text);
             }
         }
+    }
+
+    #[test]
+    fn paraphrases_add_no_word_and_recaps_grade_the_named_persons_value() {
+        let w = World::new();
+        let before: std::collections::HashSet<&str> = text::template_words().into_iter().collect();
+        for t in text::PARAPHRASE.iter().flatten() {
+            for word in t.split_whitespace().filter(|x| *x != "{N}") {
+                assert!(before.contains(word), "paraphrase word {word:?} is new to the vocabulary");
+            }
+        }
+        let mut rng = Rng::new(3);
+        let asking = Asking { questions: [1, 3], attribute_weights: None, paraphrases: true, recaps: [1, 3] };
+        let (mut recaps, mut paraphrased) = (0, 0);
+        for _ in 0..200 {
+            let s = w.reading_sample_asking(&mut rng, 3, &asking);
+            let doc = &s.segments[0].text;
+            for (i, seg) in s.segments.iter().enumerate().skip(1) {
+                if seg.role == Role::Answer && !seg.text.ends_with("<eos>") {
+                    // A recap: the text before names a person of the document whose sentence has this value.
+                    recaps += 1;
+                    let name: Vec<&str> =
+                        s.segments[i - 1].text.split_whitespace().filter(|t| t.starts_with(char::is_uppercase)).collect();
+                    let name = name.join(" ");
+                    assert!(doc.contains(&name), "recap about {name:?}, who is not in the document");
+                    assert!(doc.contains(&format!(" {} ", seg.text)), "recap value {} not in the document", seg.text);
+                }
+                if seg.role == Role::Prompt && !text::QUESTION.iter().flatten().any(|q| {
+                    let (a, b) = q.split_once("{N}").unwrap();
+                    seg.text.contains(a.trim()) && seg.text.contains(b.trim())
+                }) {
+                    paraphrased += 1;
+                }
+            }
+        }
+        assert!(recaps > 200 && paraphrased > 100, "recaps {recaps}, paraphrased questions {paraphrased}");
     }
 
     #[test]
@@ -587,7 +685,13 @@ mod tests {
             .map(|q| q[HELDOUT_PHRASING].replace("{N}", "").split_whitespace().collect::<Vec<_>>().join(" "))
             .collect();
         for _ in 0..500 {
-            for s in [w.reading_sample(&mut rng, 3), w.closed_book_sample(&mut rng)] {
+            let asking = Asking { paraphrases: true, recaps: [1, 2], ..Asking::default() };
+            for s in [
+                w.reading_sample(&mut rng, 3),
+                w.closed_book_sample(&mut rng),
+                w.reading_sample_asking(&mut rng, 3, &asking),
+                w.closed_book_sample_asking(&mut rng, true),
+            ] {
                 for seg in s.segments.iter().filter(|s| s.role == Role::Prompt) {
                     let stripped: String = seg
                         .text

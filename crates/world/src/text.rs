@@ -36,6 +36,18 @@ pub const QUESTION: [[&str; 3]; 5] = [
     ["what pet does {N} have ?", "which animal does {N} own ?", "what animal lives with {N} ?"],
 ];
 
+/// More trained ways to ask, used only by training samples that opt in (a recipe's `paraphrases`): a model that has
+/// seen each attribute asked many ways, in frames shared across attributes, can be tested on whether it reads a
+/// question it never saw. Evaluation keeps asking in `QUESTION`'s phrasings. Only words the other tables already
+/// use, so the vocabulary is unchanged.
+pub const PARAPHRASE: [[&str; 3]; 5] = [
+    ["{N} was born in which city ?", "what is the city of birth of {N} ?", "{N} comes from which city ?"],
+    ["{N} was born in which year ?", "what year was {N} born in ?", "{N} has a birthday from which year ?"],
+    ["{N} works for which company ?", "who employs {N} ?", "{N} is employed by which company ?"],
+    ["{N} studies which subject ?", "in which field is {N} an expert ?", "{N} does research on what ?"],
+    ["{N} has which animal ?", "what is the pet of {N} ?", "{N} takes care of which animal ?"],
+];
+
 pub const HELDOUT_PHRASING: usize = 2;
 pub const TRAINED_PHRASINGS: [usize; 2] = [0, 1];
 
@@ -68,6 +80,8 @@ pub fn question(attribute: Attribute, phrasing: usize, name: &str) -> String {
 /// Every fixed word of every table, in a stable order.
 pub fn template_words() -> Vec<&'static str> {
     let tables = BIO.iter().flatten().chain(QUESTION.iter().flatten()).chain(DISTRACTOR.iter());
+    // PARAPHRASE adds no word (a test holds it to that), so it is not listed: the token ids stay those of every
+    // shipped tokenizer.
     let mut words: Vec<&'static str> = Vec::new();
     for t in tables {
         for w in t.split_whitespace() {
