@@ -307,6 +307,9 @@ enum BenchCommand {
         /// Memory strategy: one entry per person instead of one per fact (person and attribute).
         #[arg(long)]
         memory_per_person: bool,
+        /// Memory strategy: key and fit each entry on the world's extra question paraphrases too.
+        #[arg(long)]
+        memory_paraphrases: bool,
         #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
         injector: InjectorKind,
         /// Distillation steps (with --injector distill).
@@ -567,6 +570,7 @@ fn main() -> Result<()> {
             search_lr,
             memory_margin,
             memory_per_person,
+            memory_paraphrases,
             compact_every,
             csv,
             plot,
@@ -600,6 +604,7 @@ fn main() -> Result<()> {
                     engram_compose::MemoryConfig {
                         margin: memory_margin,
                         per_fact: !memory_per_person,
+                        paraphrases: memory_paraphrases,
                         search_steps,
                         search_lr,
                         ..Default::default()

@@ -43,6 +43,10 @@ pub struct MemoryConfig {
     /// its answer at once; a person-level key carries over to new phrasings better, but on this base model those
     /// are capped by its reading of them anyway.
     pub per_fact: bool,
+    /// Build each entry from the world's extra paraphrases of its questions too, not only the two trained
+    /// phrasings: the key is then the mean over five wordings, closer to what any wording of the question reads.
+    #[serde(default)]
+    pub paraphrases: bool,
     pub protected_samples: usize,
     pub seed: u64,
 }
@@ -55,6 +59,7 @@ impl Default for MemoryConfig {
             search_stop_p: 0.9,
             margin: 0.08,
             per_fact: true,
+            paraphrases: false,
             protected_samples: 400,
             seed: 0x5AFE,
         }
@@ -217,7 +222,7 @@ impl Strategy for SideMemoryStrategy {
         let (mut keys, mut values, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
         let mut groups: Vec<(String, Vec<String>)> = Vec::new();
         for name in &names {
-            let questions = self.world.questions_about(name);
+            let questions = self.world.questions_about_with(name, self.cfg.paraphrases);
             if self.cfg.per_fact {
                 for a in engram_world::Attribute::ALL {
                     let qs = questions.iter().filter(|(b, _)| *b == a).map(|(_, q)| q.clone()).collect();

@@ -503,10 +503,21 @@ impl World {
     /// Every trained-phrasing question about `name`, as prompts ending in `A :` (never the held-out phrasing:
     /// what trains on these must not see the evaluation's wording).
     pub fn questions_about(&self, name: &str) -> Vec<(Attribute, String)> {
+        self.questions_about_with(name, false)
+    }
+
+    /// [`World::questions_about`], with `paraphrases` also every wording of [`text::PARAPHRASE`] (still never the
+    /// held-out phrasing).
+    pub fn questions_about_with(&self, name: &str, paraphrases: bool) -> Vec<(Attribute, String)> {
         let mut out = Vec::new();
         for a in Attribute::ALL {
             for p in TRAINED_PHRASINGS {
                 out.push((a, format!("Q : {} A :", text::question(a, p, name))));
+            }
+            if paraphrases {
+                for t in text::PARAPHRASE[a.index()] {
+                    out.push((a, format!("Q : {} A :", text::fill(t, name, ""))));
+                }
             }
         }
         out
