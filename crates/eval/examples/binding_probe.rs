@@ -1,0 +1,52 @@
+//! Where in-context reading of many-person documents goes wrong: for documents of `--people` fresh people, asks
+//! about each person in turn and sorts the model's answers into right, another person's value of the same attribute
+//! (a binding failure), or anything else, by the asked person's place in the document.
+//!
+//! `cargo run --release -p engram-eval --example binding_probe -- [MODEL_DIR] [PEOPLE] [DOCS]`
+
+use anyhow::Result;
+use engram_model::BaseModel;
+use engram_world::{Attribute, Phrasing, Rng, Split, World};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = args.get(1).map(String::as_str).unwrap_or("models/base");
+    let people: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(4);
+    let docs: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(50);
+    let base = BaseModel::load(std::path::Path::new(dir), &candle_core::Device::Cpu)?;
+    let world = World::new();
+    let eos = base.tokenizer.token_to_id("<eos>").expect("<eos>");
+    let mut rng = Rng::derive(7, people as u64);
+    // [place][right, other person's value, anything else]
+    let mut tally = vec![[0usize; 3]; people];
+    let mut by_attribute = std::collections::BTreeMap::<&str, [usize; 3]>::new();
+    for _ in 0..docs {
+        let ps = world.draw_people(&mut rng, Split::Fresh, people);
+        let doc = world.document(&mut rng, &ps, false);
+        for (place, who) in ps.iter().enumerate() {
+            let attribute = *rng.pick(&Attribute::ALL);
+            let (_, q, _) = world.question_about(&mut rng, who, attribute, Phrasing::Trained);
+            let prompt = base.encode(&format!("<bos> {doc} {q}"))?;
+            let got = base.llama.generate_greedy(&prompt, 1, eos, None)?;
+            let said = base.decode(&got)?;
+            let said = said.trim();
+            let kind = if said == who.value(attribute) {
+                0
+            } else if ps.iter().any(|p| p.value(attribute) == said) {
+                1
+            } else {
+                2
+            };
+            tally[place][kind] += 1;
+            by_attribute.entry(attribute.name()).or_default()[kind] += 1;
+        }
+    }
+    println!("{people}-person documents, {docs} of them: right / another person's value / other");
+    for (place, t) in tally.iter().enumerate() {
+        println!("  person {}: {:>3} / {:>3} / {:>3}", place + 1, t[0], t[1], t[2]);
+    }
+    for (a, t) in &by_attribute {
+        println!("  {a:>8}: {:>3} / {:>3} / {:>3}", t[0], t[1], t[2]);
+    }
+    Ok(())
+}
