@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use engram_model::BaseModel;
-use engram_world::{Attribute, Phrasing, Rng, Split, World};
+use engram_world::{Attribute, Phrasing, Rng, SkillTask, Split, World};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -47,6 +47,17 @@ fn main() -> Result<()> {
     }
     for (a, t) in &by_attribute {
         println!("  {a:>8}: {:>3} / {:>3} / {:>3}", t[0], t[1], t[2]);
+    }
+    // The skills suite by task, for comparison: copying needs the same look-back-and-copy attention as reading.
+    for task in [SkillTask::Addition, SkillTask::PaddedAddition, SkillTask::Copy] {
+        let probes: Vec<_> = (0..100).map(|_| world.skill_probe(&mut rng, task)).collect();
+        let hits = engram_eval::score(&base.llama, &base.tokenizer, None, &probes)?;
+        println!("skill {task:?}: {}/100", hits.iter().filter(|&&h| h).count());
+        for p in probes.iter().take(3) {
+            let ids = base.encode(&p.prompt)?;
+            let got = base.llama.generate_greedy(&ids, 8, eos, None)?;
+            println!("  {} -> {} (want {})", p.prompt, base.decode(&got)?, p.answer);
+        }
     }
     Ok(())
 }

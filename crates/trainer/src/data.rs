@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use engram_model::{Positions, Tokenizer};
-use engram_world::{Asking, Rng, Role, Sample, SampleKind, World, MAX_DOC_PEOPLE};
+use engram_world::{Asking, Rng, SkillTask, Role, Sample, SampleKind, World, MAX_DOC_PEOPLE};
 use serde::{Deserialize, Serialize};
 
 /// Sampling weights of the kinds of training text, and loss weights of their roles.
@@ -50,6 +50,9 @@ pub struct Mix {
     /// the value graded like an answer (dense practice at binding a value to its name).
     #[serde(default, skip_serializing_if = "no_recaps")]
     pub recaps: [usize; 2],
+    /// Skill samples add in the fixed-width form (`SkillTask::PaddedAddition`) instead of the varying-width one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub padded_addition: bool,
 }
 
 fn no_recaps(r: &[usize; 2]) -> bool {
@@ -80,6 +83,7 @@ impl Default for Mix {
             reading_attribute_weights: None,
             paraphrases: false,
             recaps: [0, 0],
+            padded_addition: false,
         }
     }
 }
@@ -100,6 +104,7 @@ impl Mix {
             }
             1 => world.known_bio_sample(rng),
             2 => world.closed_book_sample_asking(rng, self.paraphrases),
+            _ if self.padded_addition => world.skill_sample_of(rng, SkillTask::PaddedAddition),
             _ => world.skill_sample(rng),
         }
     }

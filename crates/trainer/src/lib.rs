@@ -350,9 +350,10 @@ that later get injected. The evaluation below says how far it got.\n\n\
 | tokens | {tokens} |\n| wall time | {wall:.0} s ({wall_min:.1} min) on 2 CPU cores |\n| throughput | {tps:.0} tokens/s |\n\
 | final loss | {loss:.4} |\n| peak lr | {lr} (warmup {wu}, hold {hold}, cosine to {fin}x) |\n\
 | mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw}; {qlo}-{qhi} questions per \
-document, document text weight {tw}; 1-2 person documents until step {sd} |\n| init | {init:?} |\n\n\
-Reproduce: `engram train base --seed {seed} --steps {steps} --out <dir>` (resumable with `--resume`). The per-step \
-log is `train_log.jsonl` beside this card when trained locally.\n\n\
+document, document text weight {tw}; 1-2 person documents until step {sd}{extras} |\n| init | {init:?} |\n\n\
+Reproduce: `engram train base --config <file> --out <dir>`, the file holding the `config` object of `training.json` \
+beside this card (resumable with `--resume`). The per-step log is `train_log.jsonl` beside this card when trained \
+locally.\n\n\
 ## Evaluation\n\n\
 `engram eval base --seed {eseed}` ({items} items per suite, people drawn from the held-out `fresh` split):\n\n\
 | suite | exact match |\n|---|---|\n| icl_single | {a:.3} |\n| icl_multi | {b:.3} |\n| icl_heldout_phrasing | {cc:.3} |\n\
@@ -388,6 +389,14 @@ icl_single by attribute: {attrs}\n",
         qlo = c.mix.questions[0],
         qhi = c.mix.questions[1],
         tw = c.mix.reading_text_weight,
+        extras = [
+            c.mix.paraphrases.then(|| "; questions also in the world's extra paraphrases".to_string()),
+            (c.mix.recaps[1] > 0).then(|| format!("; {}-{} recaps per document", c.mix.recaps[0], c.mix.recaps[1])),
+            c.mix.padded_addition.then(|| "; fixed-width addition".to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<String>(),
         init = c.init,
         eseed = r.seed,
         items = r.items,

@@ -142,6 +142,12 @@ pub enum SkillTask {
     Addition,
     /// Repeat a random symbol sequence.
     Copy,
+    /// Addition of two three-digit numbers written with leading zeros, digits least-significant first, and a
+    /// four-digit sum: every digit sits at the same place in every problem, so digit i of the sum reads digits i
+    /// (and i-1, for the carry) of both operands at fixed distances. Small transformers learn addition in this
+    /// form (Lee et al. 2023, "Teaching arithmetic to small transformers"); with operands of varying length the
+    /// shipped model never got a single sum right.
+    PaddedAddition,
 }
 
 /// A graded question: greedy decoding of `prompt` must produce exactly `answer` (which ends in `<eos>`).
@@ -472,7 +478,12 @@ impl World {
     }
 
     pub fn skill_sample(&self, rng: &mut Rng) -> Sample {
-        let task = if rng.chance(0.5) { SkillTask::Addition } else { SkillTask::Copy };
+        self.skill_sample_of(rng, SkillTask::Addition)
+    }
+
+    /// A skill sample: `addition` (one of the addition tasks) or copying, each half the time.
+    pub fn skill_sample_of(&self, rng: &mut Rng, addition: SkillTask) -> Sample {
+        let task = if rng.chance(0.5) { addition } else { SkillTask::Copy };
         let probe = self.skill_probe(rng, task);
         Sample {
             kind: SampleKind::Skill,
@@ -576,6 +587,14 @@ impl World {
                 let b = rng.below(1000);
                 let prompt = format!("<bos> add {} + {} =", reversed_digits(a), reversed_digits(b));
                 Probe { prompt, answer: format!("{} <eos>", reversed_digits(a + b)), attribute: None }
+            }
+            SkillTask::PaddedAddition => {
+                let (a, b) = (rng.below(1000), rng.below(1000));
+                let digits = |n: usize, width: usize| -> String {
+                    format!("{n:0width$}").chars().rev().map(String::from).collect::<Vec<_>>().join(" ")
+                };
+                let prompt = format!("<bos> add {} + {} =", digits(a, 3), digits(b, 3));
+                Probe { prompt, answer: format!("{} <eos>", digits(a + b, 4)), attribute: None }
             }
             SkillTask::Copy => {
                 let n = rng.range(3, 8);
@@ -717,6 +736,21 @@ mod tests {
             }
             let p = w.closed_book_probe(&mut rng, Split::Known, Phrasing::Trained);
             assert_eq!(p.answer.split_whitespace().count(), 2, "{}", p.answer);
+        }
+    }
+
+    #[test]
+    fn padded_addition_puts_every_digit_in_its_place() {
+        let w = World::new();
+        let mut rng = Rng::new(10);
+        for _ in 0..100 {
+            let p = w.skill_probe(&mut rng, SkillTask::PaddedAddition);
+            let words: Vec<&str> = p.prompt.split_whitespace().collect();
+            assert_eq!((words.len(), words[1], words[5], words[9]), (10, "add", "+", "="), "{}", p.prompt);
+            let number = |ds: &[&str]| ds.iter().rev().map(|d| d.to_string()).collect::<String>().parse::<usize>().unwrap();
+            let answer: Vec<&str> = p.answer.split_whitespace().collect();
+            assert_eq!(answer.len(), 5, "{}", p.answer);
+            assert_eq!(number(&words[2..5]) + number(&words[6..9]), number(&answer[..4]), "{} {}", p.prompt, p.answer);
         }
     }
 
