@@ -2,7 +2,10 @@
 //! about each person in turn and sorts the model's answers into right, another person's value of the same attribute
 //! (a binding failure), or anything else, by the asked person's place in the document.
 //!
-//! `cargo run --release -p engram-eval --example binding_probe -- [MODEL_DIR] [PEOPLE] [DOCS]`
+//! `cargo run --release -p engram-eval --example binding_probe -- [MODEL_DIR] [PEOPLE] [DOCS] [VARIANT]`
+//!
+//! VARIANT isolates a cause: `distinct` (no two people share a first or last name), `one-phrasing` (every biography
+//! in the first phrasing, so a value is always the same distance from its name), or `both`.
 
 use anyhow::Result;
 use engram_model::BaseModel;
@@ -13,6 +16,9 @@ fn main() -> Result<()> {
     let dir = args.get(1).map(String::as_str).unwrap_or("models/base");
     let people: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let docs: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(50);
+    let variant = args.get(4).map(String::as_str).unwrap_or("as-trained");
+    let distinct = matches!(variant, "distinct" | "both");
+    let one_phrasing = matches!(variant, "one-phrasing" | "both");
     let base = BaseModel::load(std::path::Path::new(dir), &candle_core::Device::Cpu)?;
     let world = World::new();
     let eos = base.tokenizer.token_to_id("<eos>").expect("<eos>");
@@ -21,8 +27,20 @@ fn main() -> Result<()> {
     let mut tally = vec![[0usize; 3]; people];
     let mut by_attribute = std::collections::BTreeMap::<&str, [usize; 3]>::new();
     for _ in 0..docs {
-        let ps = world.draw_people(&mut rng, Split::Fresh, people);
-        let doc = world.document(&mut rng, &ps, false);
+        let ps = loop {
+            let ps = world.draw_people(&mut rng, Split::Fresh, people);
+            let shared = ps.iter().enumerate().any(|(i, p)| {
+                ps[..i].iter().any(|q| q.first == p.first || q.last == p.last)
+            });
+            if !distinct || !shared {
+                break ps;
+            }
+        };
+        let doc = if one_phrasing {
+            format!("<doc> {} </doc>", ps.iter().map(|p| p.bio(0)).collect::<Vec<_>>().join(" "))
+        } else {
+            world.document(&mut rng, &ps, false)
+        };
         for (place, who) in ps.iter().enumerate() {
             let attribute = *rng.pick(&Attribute::ALL);
             let (_, q, _) = world.question_about(&mut rng, who, attribute, Phrasing::Trained);
@@ -41,7 +59,7 @@ fn main() -> Result<()> {
             by_attribute.entry(attribute.name()).or_default()[kind] += 1;
         }
     }
-    println!("{people}-person documents, {docs} of them: right / another person's value / other");
+    println!("{people}-person documents ({variant}), {docs} of them: right / another person's value / other");
     for (place, t) in tally.iter().enumerate() {
         println!("  person {}: {:>3} / {:>3} / {:>3}", place + 1, t[0], t[1], t[2]);
     }
