@@ -85,6 +85,16 @@ fn setup_fingerprint(cfg: &MemoryConfig) -> u64 {
     (cfg.protected_samples as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cfg.seed
 }
 
+/// An entry fires above the highest protected cosine plus the margin, but never so high that its own questions
+/// cannot reach it: where they sit within the margin (a known namesake's question lies close to the key), the
+/// threshold goes halfway between the protected maximum and the lowest own question instead. It never goes below
+/// the protected maximum, so no measured protected position ever fires.
+fn entry_threshold(protected_max: f32, own_min: f32, margin: f32) -> f32 {
+    let full = protected_max + margin;
+    let t = if own_min > protected_max && own_min <= full { (protected_max + own_min) / 2.0 } else { full };
+    t.clamp(-1.0, 1.0)
+}
+
 /// Rows scaled to unit length.
 fn unit(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
@@ -252,9 +262,10 @@ impl Strategy for SideMemoryStrategy {
             let (v, reached) = self.search(head, &x, &answers)?;
             let key = unit(&directions(&x, &self.mean)?.mean_keepdim(0)?)?;
             let protected_max = self.protected.matmul(&key.t()?)?.max_all()?.to_scalar::<f32>()?;
-            let threshold = (protected_max + self.cfg.margin).clamp(-1.0, 1.0);
+            let own = directions(&x, &self.mean)?.matmul(&key.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let own_min = own.iter().copied().fold(f32::INFINITY, f32::min);
+            let threshold = entry_threshold(protected_max, own_min, self.cfg.margin);
             if self.profile {
-                let own = directions(&x, &self.mean)?.matmul(&key.t()?)?.flatten_all()?.to_vec1::<f32>()?;
                 let covered = own.iter().filter(|&&s| s > threshold).count();
                 eprintln!(
                     "memory {name}: answer p min {reached:.3}, |v| {:.2}, threshold {threshold:.3}, own questions above it \
@@ -299,5 +310,21 @@ impl Strategy for SideMemoryStrategy {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry_threshold;
+
+    #[test]
+    fn a_threshold_keeps_the_margin_unless_the_entrys_own_questions_sit_inside_it() {
+        // Own questions well clear: the full margin.
+        assert!((entry_threshold(0.5, 0.9, 0.08) - 0.58).abs() < 1e-6);
+        // Own questions inside the margin: halfway, still above every protected position.
+        let t = entry_threshold(0.91, 0.95, 0.08);
+        assert!((t - 0.93).abs() < 1e-6 && t > 0.91 && t < 0.95);
+        // Own questions no closer than a protected position: nothing to gain, the full margin stays.
+        assert!((entry_threshold(0.91, 0.90, 0.08) - 0.99).abs() < 1e-6);
     }
 }

@@ -66,6 +66,16 @@ fn main() -> Result<()> {
     for (a, t) in &by_attribute {
         println!("  {a:>8}: {:>3} / {:>3} / {:>3}", t[0], t[1], t[2]);
     }
+    // The held-out phrasing in context, one-person documents, by attribute: which wording the model cannot read.
+    let mut heldout = std::collections::BTreeMap::<&str, [usize; 2]>::new();
+    for _ in 0..200 {
+        let p = world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout);
+        let hit = engram_eval::score(&base.llama, &base.tokenizer, None, std::slice::from_ref(&p))?[0];
+        let e = heldout.entry(p.attribute.expect("reading probes have an attribute").name()).or_default();
+        e[0] += hit as usize;
+        e[1] += 1;
+    }
+    println!("held-out phrasing in context: {heldout:?} (right, asked)");
     // The skills suite by task, for comparison: copying needs the same look-back-and-copy attention as reading.
     for task in [SkillTask::Addition, SkillTask::PaddedAddition, SkillTask::Copy] {
         let probes: Vec<_> = (0..100).map(|_| world.skill_probe(&mut rng, task)).collect();
