@@ -191,6 +191,33 @@ impl SideMemoryStrategy {
     /// residuals, `questions x hidden`), and the lowest answer probability reached. The logits are linear in `v`, so
     /// one vector can raise the person's answer to every attribute at once; each question's own logits pick the
     /// attribute.
+    /// The candidate's first answer token for each prompt. One fact has one value: with one entry per fact every
+    /// wording gets the token the candidate favours over all of them together (the highest summed
+    /// log-probability), so that one value is searched for, not two answers it cannot give at once when the
+    /// candidate's wordings disagree.
+    fn candidate_answers(&self, prompts: &[Vec<u32>], lora: &LoraSet) -> Result<Vec<u32>> {
+        let opts = ForwardOptions { lora: Some(lora), ..ForwardOptions::inference() };
+        let mut summed: Option<Tensor> = None;
+        let mut answers = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let ids = Tensor::new(p.as_slice(), self.base.device())?.unsqueeze(0)?;
+            let logits = self.base.forward(&ids, &Positions::From(0), &opts)?.logits.flatten_all()?;
+            answers.push(logits.argmax(0)?.to_scalar::<u32>()?);
+            let lp = candle_nn::ops::log_softmax(&logits, 0)?;
+            summed = Some(match summed {
+                Some(s) => (s + lp)?,
+                None => lp,
+            });
+        }
+        if self.cfg.per_fact {
+            if let Some(s) = summed {
+                let consensus = s.argmax(0)?.to_scalar::<u32>()?;
+                answers.iter_mut().for_each(|a| *a = consensus);
+            }
+        }
+        Ok(answers)
+    }
+
     fn search(&self, head: &Llama, x: &Tensor, answers: &[u32]) -> Result<(Tensor, f32)> {
         let dev = x.device();
         let wanted = Tensor::new(answers, dev)?.unsqueeze(1)?;
@@ -225,7 +252,6 @@ impl Strategy for SideMemoryStrategy {
             bail!("the document names nobody; the memory strategy has no questions to fit");
         }
         let tok = &self.tokenizer;
-        let eos = tok.token_to_id("<eos>").context("tokenizer has no <eos>")?;
         let pad = tok.token_to_id("<pad>").context("tokenizer has no <pad>")?;
         let lora = LoraSet::from_delta(&candidate, head.device())?;
         let hidden = head.config().hidden_size;
@@ -248,15 +274,9 @@ impl Strategy for SideMemoryStrategy {
                 .iter()
                 .map(|q| engram_model::encode(tok, &format!("<bos> {q}")))
                 .collect::<std::result::Result<_, _>>()?;
-            // The candidate's answer to each question is what the entry must make the head say.
-            let answers: Vec<u32> = prompts
-                .iter()
-                .map(|p| {
-                    // The candidate was made for the base model, and earlier entries must not answer for it.
-                    let out = self.base.generate_greedy(p, 1, eos, Some(&lora))?;
-                    out.first().copied().context("the candidate generated nothing")
-                })
-                .collect::<Result<_>>()?;
+            // The candidate's answer is what the entry must make the head say. It was made for the base model, and
+            // earlier entries must not answer for it.
+            let answers = self.candidate_answers(&prompts, &lora)?;
             // The memory changes no residual; matching its entries would only make each injection cost O(N).
             let x = final_residuals(&head.without_memory(), &prompts, pad, true)?;
             let (v, reached) = self.search(head, &x, &answers)?;
