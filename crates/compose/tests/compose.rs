@@ -89,7 +89,11 @@ fn a_memory_chain_compacts_into_one_delta_serving_the_same_answers() {
         let candidate = injector.inject(&doc).unwrap().delta;
         let lora = engram_model::LoraSet::from_delta(&candidate, base.llama.device()).unwrap();
         let own = world.closed_book_probes_all(p);
-        written += engram_eval::exact_match(&base.llama, &base.tokenizer, Some(&lora), &own).unwrap().iter().filter(|&&x| x).count();
+        written += engram_eval::exact_match(&base.llama, &base.tokenizer, Some(&lora), &own)
+            .unwrap()
+            .iter()
+            .filter(|&&x| x)
+            .count();
         let d = memory.compose(&head, &doc, candidate).unwrap();
         assert!(d.adapters.is_empty() && d.memory.as_ref().unwrap().entries() == 5, "one entry per fact");
         base.check_delta(&d).unwrap();

@@ -29,9 +29,8 @@ fn main() -> Result<()> {
     for _ in 0..docs {
         let ps = loop {
             let ps = world.draw_people(&mut rng, Split::Fresh, people);
-            let shared = ps.iter().enumerate().any(|(i, p)| {
-                ps[..i].iter().any(|q| q.first == p.first || q.last == p.last)
-            });
+            let shared =
+                ps.iter().enumerate().any(|(i, p)| ps[..i].iter().any(|q| q.first == p.first || q.last == p.last));
             if !distinct || !shared {
                 break ps;
             }

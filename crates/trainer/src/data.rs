@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use engram_model::{Positions, Tokenizer};
-use engram_world::{Asking, Rng, SkillTask, Role, Sample, SampleKind, World, MAX_DOC_PEOPLE};
+use engram_world::{Asking, Rng, Role, Sample, SampleKind, SkillTask, World, MAX_DOC_PEOPLE};
 use serde::{Deserialize, Serialize};
 
 /// Sampling weights of the kinds of training text, and loss weights of their roles.

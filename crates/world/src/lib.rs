@@ -414,7 +414,12 @@ impl World {
     }
 
     /// A training question about a random attribute of `person` (see [`World::training_question`]).
-    pub fn training_question_for(&self, rng: &mut Rng, person: &Person, paraphrases: bool) -> (Attribute, String, String) {
+    pub fn training_question_for(
+        &self,
+        rng: &mut Rng,
+        person: &Person,
+        paraphrases: bool,
+    ) -> (Attribute, String, String) {
         let attribute = *rng.pick(&Attribute::ALL);
         self.training_question(rng, person, attribute, paraphrases)
     }
@@ -648,16 +653,21 @@ mod tests {
                 if seg.role == Role::Answer && !seg.text.ends_with("<eos>") {
                     // A recap: the text before names a person of the document whose sentence has this value.
                     recaps += 1;
-                    let name: Vec<&str> =
-                        s.segments[i - 1].text.split_whitespace().filter(|t| t.starts_with(char::is_uppercase)).collect();
+                    let name: Vec<&str> = s.segments[i - 1]
+                        .text
+                        .split_whitespace()
+                        .filter(|t| t.starts_with(char::is_uppercase))
+                        .collect();
                     let name = name.join(" ");
                     assert!(doc.contains(&name), "recap about {name:?}, who is not in the document");
                     assert!(doc.contains(&format!(" {} ", seg.text)), "recap value {} not in the document", seg.text);
                 }
-                if seg.role == Role::Prompt && !text::QUESTION.iter().flatten().any(|q| {
-                    let (a, b) = q.split_once("{N}").unwrap();
-                    seg.text.contains(a.trim()) && seg.text.contains(b.trim())
-                }) {
+                if seg.role == Role::Prompt
+                    && !text::QUESTION.iter().flatten().any(|q| {
+                        let (a, b) = q.split_once("{N}").unwrap();
+                        seg.text.contains(a.trim()) && seg.text.contains(b.trim())
+                    })
+                {
                     paraphrased += 1;
                 }
             }
@@ -747,7 +757,8 @@ mod tests {
             let p = w.skill_probe(&mut rng, SkillTask::PaddedAddition);
             let words: Vec<&str> = p.prompt.split_whitespace().collect();
             assert_eq!((words.len(), words[1], words[5], words[9]), (10, "add", "+", "="), "{}", p.prompt);
-            let number = |ds: &[&str]| ds.iter().rev().map(|d| d.to_string()).collect::<String>().parse::<usize>().unwrap();
+            let number =
+                |ds: &[&str]| ds.iter().rev().map(|d| d.to_string()).collect::<String>().parse::<usize>().unwrap();
             let answer: Vec<&str> = p.answer.split_whitespace().collect();
             assert_eq!(answer.len(), 5, "{}", p.answer);
             assert_eq!(number(&words[2..5]) + number(&words[6..9]), number(&answer[..4]), "{} {}", p.prompt, p.answer);
