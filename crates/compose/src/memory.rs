@@ -187,10 +187,6 @@ impl SideMemoryStrategy {
         &self.cfg
     }
 
-    /// The change `v` of the normed final residual after which `head` gives `answers[i]` at every `x[i]` (final
-    /// residuals, `questions x hidden`), and the lowest answer probability reached. The logits are linear in `v`, so
-    /// one vector can raise the person's answer to every attribute at once; each question's own logits pick the
-    /// attribute.
     /// The candidate's first answer token for each prompt. One fact has one value: with one entry per fact every
     /// wording gets the token the candidate favours over all of them together (the highest summed
     /// log-probability), so that one value is searched for, not two answers it cannot give at once when the
@@ -218,6 +214,10 @@ impl SideMemoryStrategy {
         Ok(answers)
     }
 
+    /// The change `v` of the normed final residual after which `head` gives `answers[i]` at every `x[i]` (final
+    /// residuals, `questions x hidden`), and the lowest answer probability reached. The logits are linear in `v`, so
+    /// one vector can raise the person's answer to every attribute at once; each question's own logits pick the
+    /// attribute.
     fn search(&self, head: &Llama, x: &Tensor, answers: &[u32]) -> Result<(Tensor, f32)> {
         let dev = x.device();
         let wanted = Tensor::new(answers, dev)?.unsqueeze(1)?;
@@ -280,9 +280,10 @@ impl Strategy for SideMemoryStrategy {
             // The memory changes no residual; matching its entries would only make each injection cost O(N).
             let x = final_residuals(&head.without_memory(), &prompts, pad, true)?;
             let (v, reached) = self.search(head, &x, &answers)?;
-            let key = unit(&directions(&x, &self.mean)?.mean_keepdim(0)?)?;
+            let dirs = directions(&x, &self.mean)?;
+            let key = unit(&dirs.mean_keepdim(0)?)?;
             let protected_max = self.protected.matmul(&key.t()?)?.max_all()?.to_scalar::<f32>()?;
-            let own = directions(&x, &self.mean)?.matmul(&key.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let own = dirs.matmul(&key.t()?)?.flatten_all()?.to_vec1::<f32>()?;
             let own_min = own.iter().copied().fold(f32::INFINITY, f32::min);
             let threshold = entry_threshold(protected_max, own_min, self.cfg.margin);
             if self.profile {
