@@ -37,10 +37,11 @@ fn shipped_model_reproduces_its_card_and_knows_only_what_it_should() {
     assert!(report.closed_book_fresh <= 0.10, "the base model already knows fresh people: {report:?}");
 }
 
-/// The full bar of issue 2. The shipped model does not reach it yet: in-context reading and skills stayed at
-/// chance (see MODEL_CARD.md and the issue's notes). Run with `cargo test -- --ignored` to see where it stands.
+/// The full bar of issue 2. The shipped model does not reach it yet: four-person reading stays at chance (a value is
+/// never tied to its name), the held-out phrasing reads at 0.725 and skills at 0.50 (addition never right); see
+/// MODEL_CARD.md and the issue's notes. Run with `cargo test -- --ignored` to see where it stands.
 #[test]
-#[ignore = "issue 2 open: the shipped model's in-context reading and skills are below the bar"]
+#[ignore = "issue 2 open: the shipped model's four-person reading, held-out phrasing and skills are below the bar"]
 fn shipped_model_meets_the_base_acceptance_bar() {
     let (report, _) = evaluate_shipped();
     for (suite, value, bar) in [
