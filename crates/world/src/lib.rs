@@ -368,7 +368,7 @@ impl World {
             Phrasing::Trained => *rng.pick(&TRAINED_PHRASINGS),
             Phrasing::Heldout => HELDOUT_PHRASING,
         };
-        let q = format!("Q : {} A :", text::question(attribute, p, &person.name()));
+        let q = text::framed(&text::question(attribute, p, &person.name()));
         (attribute, q, format!("{} <eos>", person.value(attribute)))
     }
 
@@ -441,7 +441,7 @@ impl World {
             Some(i) => text::fill(extra[i], &person.name(), ""),
             None => text::question(attribute, TRAINED_PHRASINGS[k], &person.name()),
         };
-        (attribute, format!("Q : {q} A :"), format!("{} <eos>", person.value(attribute)))
+        (attribute, text::framed(&q), format!("{} <eos>", person.value(attribute)))
     }
 
     /// One fact of `who` restated after the document in a random biography phrasing, the value graded like an
@@ -528,11 +528,11 @@ impl World {
         let mut out = Vec::new();
         for a in Attribute::ALL {
             for p in TRAINED_PHRASINGS {
-                out.push((a, format!("Q : {} A :", text::question(a, p, name))));
+                out.push((a, text::framed(&text::question(a, p, name))));
             }
             if paraphrases {
                 for t in text::PARAPHRASE[a.index()] {
-                    out.push((a, format!("Q : {} A :", text::fill(t, name, ""))));
+                    out.push((a, text::framed(&text::fill(t, name, ""))));
                 }
             }
         }
@@ -573,7 +573,7 @@ impl World {
         Attribute::ALL
             .into_iter()
             .map(|a| Probe {
-                prompt: format!("<bos> Q : {} A :", text::question(a, HELDOUT_PHRASING, &who.name())),
+                prompt: format!("<bos> {}", text::framed(&text::question(a, HELDOUT_PHRASING, &who.name()))),
                 answer: format!("{} <eos>", who.value(a)),
                 attribute: Some(a),
             })

@@ -73,6 +73,11 @@ pub fn bio_sentence(attribute: Attribute, phrasing: usize, name: &str, value: &s
     fill(BIO[attribute.index()][phrasing], name, value)
 }
 
+/// A question in the prompt frame every question is asked in: `Q : <question> A :`.
+pub fn framed(question: &str) -> String {
+    format!("Q : {question} A :")
+}
+
 pub fn question(attribute: Attribute, phrasing: usize, name: &str) -> String {
     fill(QUESTION[attribute.index()][phrasing], name, "")
 }
