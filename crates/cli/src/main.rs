@@ -10,7 +10,7 @@ mod bench_broadcast;
 mod bench_load;
 mod bench_service;
 mod service;
-use engram_world::{Phrasing, Rng, SkillTask, Split, World};
+use engram_world::{Phrasing, Rng, SkillTask, Split, World, SKILL_SUITE};
 
 // candle allocates a fresh buffer per op; glibc's malloc page-faults on every one of them. The wrapper counts live
 // heap bytes for the evaluations' peak-memory figures (two relaxed atomics per allocation).
@@ -695,7 +695,7 @@ fn show_answers(base: &engram_model::BaseModel, world: &World, seed: u64) -> Res
         ("held-out phrasing", world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout)),
         ("closed book, known", world.closed_book_probe(&mut rng, Split::Known, Phrasing::Trained)),
         ("closed book, fresh", world.closed_book_probe(&mut rng, Split::Fresh, Phrasing::Trained)),
-        ("skill", world.skill_probe(&mut rng, SkillTask::Addition)),
+        ("skill", world.skill_probe(&mut rng, SKILL_SUITE[0])),
     ];
     for (label, p) in probes {
         let ids = base.encode(&p.prompt)?;
@@ -728,7 +728,8 @@ fn world_sample(seed: u64, count: usize) -> Result<()> {
         (0..count).map(|i| world.reading_sample(&mut rng, 1 + i * 3 % 8).text()).collect()
     });
     show("reading with paraphrased questions and recaps (recipes with `paraphrases` and `recaps`)", {
-        let asking = engram_world::Asking { paraphrases: true, recaps: [1, 2], ..Default::default() };
+        let asking =
+            engram_world::Asking { paraphrases: true, recaps: [1, 2], recap_wordings: true, ..Default::default() };
         (0..count).map(|i| world.reading_sample_asking(&mut rng, 1 + i % 3, &asking).text()).collect()
     });
     show("known-person biography (training)", (0..count).map(|_| world.known_bio_sample(&mut rng).text()).collect());
@@ -743,7 +744,7 @@ fn world_sample(seed: u64, count: usize) -> Result<()> {
     });
     show("skills", {
         (0..count)
-            .flat_map(|_| [SkillTask::Addition, SkillTask::Copy])
+            .flat_map(|_| [SkillTask::Addition, SkillTask::PaddedAddition, SkillTask::Copy])
             .map(|t| {
                 let p = world.skill_probe(&mut rng, t);
                 format!("{} {}", p.prompt, p.answer)

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use anyhow::Result;
 use engram_eval::exact_match;
 use engram_model::{Llama, Tokenizer};
-use engram_world::{Phrasing, Probe, Rng, SkillTask, Split, World};
+use engram_world::{Phrasing, Probe, Rng, Split, World, SKILL_SUITE};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,9 +85,7 @@ impl Gate {
         // Reading people: the evaluation reads fresh people; the gate must not share its probes.
         let reading: Vec<Probe> =
             (0..n).map(|i| world.reading_probe(&mut rng, Split::Reading, 1 + i % 2, Phrasing::Trained)).collect();
-        let skills: Vec<Probe> = (0..n)
-            .map(|i| world.skill_probe(&mut rng, if i % 2 == 0 { SkillTask::Addition } else { SkillTask::Copy }))
-            .collect();
+        let skills: Vec<Probe> = (0..n).map(|i| world.skill_probe(&mut rng, SKILL_SUITE[i % 2])).collect();
         let mut suites = Vec::new();
         for (name, probes) in [("known_facts", known), ("reading", reading), ("skills", skills)] {
             let reference = accuracy(base, tokenizer, &probes)?;

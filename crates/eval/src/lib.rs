@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use engram_model::{Llama, LoraSet, Tokenizer};
-use engram_world::{Phrasing, Probe, Rng, SkillTask, Split, World};
+use engram_world::{Phrasing, Probe, Rng, Split, World, SKILL_SUITE};
 use serde::Serialize;
 
 pub const DEFAULT_SEED: u64 = 20261126;
@@ -62,10 +62,7 @@ pub fn suite_probes(world: &World, seed: u64, index: usize, n: usize) -> Vec<Pro
             "icl_heldout_phrasing" => world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout),
             "closed_book_known" => world.closed_book_probe(&mut rng, Split::Known, Phrasing::Trained),
             "closed_book_fresh" => world.closed_book_probe(&mut rng, Split::Fresh, Phrasing::Trained),
-            "skills" => {
-                let task = if i % 2 == 0 { SkillTask::Addition } else { SkillTask::Copy };
-                world.skill_probe(&mut rng, task)
-            }
+            "skills" => world.skill_probe(&mut rng, SKILL_SUITE[i % 2]),
             other => unreachable!("unknown suite {other}"),
         })
         .collect()

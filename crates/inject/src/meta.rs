@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use engram_model::{BaseModel, ForwardOptions, Kernels, LoraAdapter, LoraSet, Module, Positions};
 use engram_trainer::optim::AdamW;
 use engram_trainer::{AdamWConfig, Schedule};
-use engram_world::{Attribute, Person, Phrasing, Rng, SkillTask, Split, World};
+use engram_world::{Attribute, Person, Phrasing, Rng, Split, World, SKILL_SUITE};
 use serde::{Deserialize, Serialize};
 
 use crate::hyper::{capture, chunk_document, pad_batch, HyperConfig, HyperNet, Specials, CONFIG_FILE, WEIGHTS_FILE};
@@ -262,7 +262,7 @@ fn sample_step(
             keep.push(row(base, &q, &a, i)?);
         }
         for _ in 0..cfg.keep_skills {
-            let task = if rng.chance(0.5) { SkillTask::Addition } else { SkillTask::Copy };
+            let task = if rng.chance(0.5) { SKILL_SUITE[0] } else { SKILL_SUITE[1] };
             let p = world.skill_probe(&mut rng, task);
             keep.push(row(base, p.prompt.trim_start_matches("<bos>").trim_start(), &p.answer, i)?);
         }

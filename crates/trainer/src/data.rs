@@ -53,6 +53,10 @@ pub struct Mix {
     /// Skill samples add in the fixed-width form (`SkillTask::PaddedAddition`) instead of the varying-width one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub padded_addition: bool,
+    /// Recaps also use the world's fifth wording of each fact (`text::RECAP_WORDING`), the only trained text with the
+    /// word "employer".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recap_wordings: bool,
 }
 
 fn no_recaps(r: &[usize; 2]) -> bool {
@@ -84,6 +88,7 @@ impl Default for Mix {
             paraphrases: false,
             recaps: [0, 0],
             padded_addition: false,
+            recap_wordings: false,
         }
     }
 }
@@ -99,6 +104,7 @@ impl Mix {
                     attribute_weights: self.reading_attribute_weights.as_ref(),
                     paraphrases: self.paraphrases,
                     recaps: self.recaps,
+                    recap_wordings: self.recap_wordings,
                 };
                 world.reading_sample_asking(rng, people, &asking)
             }

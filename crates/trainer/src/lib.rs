@@ -393,6 +393,7 @@ icl_single by attribute: {attrs}\n",
             c.mix.paraphrases.then(|| "; questions also in the world's extra paraphrases".to_string()),
             (c.mix.recaps[1] > 0).then(|| format!("; {}-{} recaps per document", c.mix.recaps[0], c.mix.recaps[1])),
             c.mix.padded_addition.then(|| "; fixed-width addition".to_string()),
+            c.mix.recap_wordings.then(|| "; recaps also in a fifth wording per fact".to_string()),
         ]
         .into_iter()
         .flatten()

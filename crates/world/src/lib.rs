@@ -150,6 +150,11 @@ pub enum SkillTask {
     PaddedAddition,
 }
 
+/// The skills every evaluation and canary asks, half each: fixed-width addition (the form a model this small can
+/// learn; varying-width addition stayed at 0 in every shipped model up to the one trained with `base-read.json`)
+/// and copying.
+pub const SKILL_SUITE: [SkillTask; 2] = [SkillTask::PaddedAddition, SkillTask::Copy];
+
 /// A graded question: greedy decoding of `prompt` must produce exactly `answer` (which ends in `<eos>`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Probe {
@@ -169,11 +174,13 @@ pub struct Asking<'a> {
     pub paraphrases: bool,
     /// Fewest and most recaps: facts of the document restated after it, value graded like an answer.
     pub recaps: [usize; 2],
+    /// Recaps also use [`text::RECAP_WORDING`].
+    pub recap_wordings: bool,
 }
 
 impl Default for Asking<'_> {
     fn default() -> Self {
-        Self { questions: [1, 3], attribute_weights: None, paraphrases: false, recaps: [0, 0] }
+        Self { questions: [1, 3], attribute_weights: None, paraphrases: false, recaps: [0, 0], recap_wordings: false }
     }
 }
 
@@ -397,7 +404,7 @@ impl World {
             let who = rng.pick(&people);
             if recap {
                 recaps -= 1;
-                segments.extend(self.recap(rng, who));
+                segments.extend(self.recap(rng, who, asking.recap_wordings));
                 continue;
             }
             questions -= 1;
@@ -447,9 +454,13 @@ impl World {
     /// One fact of `who` restated after the document in a random biography phrasing, the value graded like an
     /// answer: a binding exercise with the answer in the text itself (find this name's sentence about this
     /// attribute, however it was phrased, and copy its value).
-    fn recap(&self, rng: &mut Rng, who: &Person) -> [Segment; 3] {
+    fn recap(&self, rng: &mut Rng, who: &Person, extra_wording: bool) -> [Segment; 3] {
         let attribute = *rng.pick(&Attribute::ALL);
-        let template = text::BIO[attribute.index()][rng.below(text::BIO_ORDER.len())];
+        let wordings = text::BIO_ORDER.len() + usize::from(extra_wording);
+        let template = match rng.below(wordings) {
+            k if k < text::BIO_ORDER.len() => text::BIO[attribute.index()][k],
+            _ => text::RECAP_WORDING[attribute.index()],
+        };
         let (before, after) = template.split_once("{V}").expect("every biography sentence has a value");
         [
             Segment { role: Role::Text, text: text::fill(before, &who.name(), "").trim_end().to_string() },
@@ -638,14 +649,20 @@ mod tests {
     fn paraphrases_add_no_word_and_recaps_grade_the_named_persons_value() {
         let w = World::new();
         let before: std::collections::HashSet<&str> = text::template_words().into_iter().collect();
-        for t in text::PARAPHRASE.iter().flatten() {
-            for word in t.split_whitespace().filter(|x| *x != "{N}") {
+        for t in text::PARAPHRASE.iter().flatten().chain(&text::RECAP_WORDING) {
+            for word in t.split_whitespace().filter(|x| *x != "{N}" && *x != "{V}") {
                 assert!(before.contains(word), "paraphrase word {word:?} is new to the vocabulary");
             }
         }
         let mut rng = Rng::new(3);
-        let asking = Asking { questions: [1, 3], attribute_weights: None, paraphrases: true, recaps: [1, 3] };
-        let (mut recaps, mut paraphrased) = (0, 0);
+        let asking = Asking {
+            questions: [1, 3],
+            attribute_weights: None,
+            paraphrases: true,
+            recaps: [1, 3],
+            recap_wordings: true,
+        };
+        let (mut recaps, mut paraphrased, mut recap_worded) = (0, 0, 0);
         for _ in 0..200 {
             let s = w.reading_sample_asking(&mut rng, 3, &asking);
             let doc = &s.segments[0].text;
@@ -660,6 +677,10 @@ mod tests {
                         .collect();
                     let name = name.join(" ");
                     assert!(doc.contains(&name), "recap about {name:?}, who is not in the document");
+                    let stem = s.segments[i - 1].text.replace(&name, "{N}");
+                    if text::RECAP_WORDING.iter().any(|t| stem.ends_with(t.split_once(" {V}").unwrap().0)) {
+                        recap_worded += 1;
+                    }
                     assert!(doc.contains(&format!(" {} ", seg.text)), "recap value {} not in the document", seg.text);
                 }
                 if seg.role == Role::Prompt
@@ -673,6 +694,7 @@ mod tests {
             }
         }
         assert!(recaps > 200 && paraphrased > 100, "recaps {recaps}, paraphrased questions {paraphrased}");
+        assert!(recap_worded > 20, "only {recap_worded} of {recaps} recaps used the extra wording");
     }
 
     #[test]

@@ -48,6 +48,18 @@ pub const PARAPHRASE: [[&str; 3]; 5] = [
     ["{N} has which animal ?", "what is the pet of {N} ?", "{N} takes care of which animal ?"],
 ];
 
+/// A fifth way to state each fact, used only in recaps by recipes that opt in (`Asking::recap_wordings`). The
+/// employer one matters: without it the word "employer" occurs only in the held-out question, so its embedding
+/// never trains and the held-out employer question is read at 0.30 against 0.65-1.00 for the others. Like
+/// `PARAPHRASE`, only words the other tables already use.
+pub const RECAP_WORDING: [&str; 5] = [
+    "{N} is from the city of {V} .",
+    "the year of birth of {N} is {V} .",
+    "the employer of {N} is {V} .",
+    "the field of {N} is {V} .",
+    "the pet of {N} is a {V} .",
+];
+
 pub const HELDOUT_PHRASING: usize = 2;
 pub const TRAINED_PHRASINGS: [usize; 2] = [0, 1];
 
