@@ -732,6 +732,9 @@ fn world_sample(seed: u64, count: usize) -> Result<()> {
             engram_world::Asking { paraphrases: true, recaps: [1, 2], recap_wordings: true, ..Default::default() };
         (0..count).map(|i| world.reading_sample_asking(&mut rng, 1 + i % 3, &asking).text()).collect()
     });
+    show("binding drills (recipes with `drill`: people sharing attribute types, every fact asked)", {
+        (0..count).map(|i| world.binding_drill_sample(&mut rng, 2 + i % 3, 1 + i % 2, false).text()).collect()
+    });
     show("known-person biography (training)", (0..count).map(|_| world.known_bio_sample(&mut rng).text()).collect());
     show("closed-book question (training)", (0..count).map(|_| world.closed_book_sample(&mut rng).text()).collect());
     show("held-out question phrasing (evaluation only)", {

@@ -57,6 +57,24 @@ pub struct Mix {
     /// word "employer".
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recap_wordings: bool,
+    /// Binding drills (`World::binding_drill_sample`): short documents whose people share attribute types, every
+    /// fact asked. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<Drill>,
+}
+
+/// How often and how hard the binding drills are.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Drill {
+    /// Relative frequency among the mix's sample kinds (reading, known_bio, closed_book, skill, drill).
+    pub weight: f64,
+    /// Fewest and most people per drill.
+    pub people: [usize; 2],
+    /// Fewest and most attributes stated (and asked) per person.
+    pub attributes: [usize; 2],
+    /// Drills only before this step; 0: the whole run.
+    #[serde(default)]
+    pub until: u64,
 }
 
 fn no_recaps(r: &[usize; 2]) -> bool {
@@ -89,13 +107,28 @@ impl Default for Mix {
             recaps: [0, 0],
             padded_addition: false,
             recap_wordings: false,
+            drill: None,
         }
     }
 }
 
 impl Mix {
     pub fn sample(&self, world: &World, rng: &mut Rng, step: u64) -> Sample {
-        match rng.weighted(&[self.reading, self.known_bio, self.closed_book, self.skill]) {
+        let kinds = [self.reading, self.known_bio, self.closed_book, self.skill];
+        // Recipes without drills draw from the four kinds exactly as before drills existed.
+        let kind = match &self.drill {
+            Some(d) if d.until == 0 || step < d.until => {
+                rng.weighted(&[kinds[0], kinds[1], kinds[2], kinds[3], d.weight])
+            }
+            _ => rng.weighted(&kinds),
+        };
+        if kind == 4 {
+            let d = self.drill.as_ref().expect("kind 4 is drawn only with drills");
+            let people = rng.range(d.people[0], d.people[1]);
+            let attributes = rng.range(d.attributes[0], d.attributes[1]);
+            return world.binding_drill_sample(rng, people, attributes, self.paraphrases);
+        }
+        match kind {
             0 => {
                 let freq = if step < self.short_docs_until { &self.short_doc_people } else { &self.doc_people };
                 let people = 1 + rng.weighted(freq);

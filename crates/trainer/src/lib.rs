@@ -22,7 +22,7 @@ use engram_model::{ForwardOptions, Llama, LlamaConfig};
 use engram_world::World;
 use serde::{Deserialize, Serialize};
 
-pub use data::Mix;
+pub use data::{Drill, Mix};
 pub use optim::AdamWConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -394,6 +394,17 @@ icl_single by attribute: {attrs}\n",
             (c.mix.recaps[1] > 0).then(|| format!("; {}-{} recaps per document", c.mix.recaps[0], c.mix.recaps[1])),
             c.mix.padded_addition.then(|| "; fixed-width addition".to_string()),
             c.mix.recap_wordings.then(|| "; recaps also in a fifth wording per fact".to_string()),
+            c.mix.drill.as_ref().map(|d| {
+                format!(
+                    "; binding drills at weight {} ({}-{} people sharing {}-{} attributes{})",
+                    d.weight,
+                    d.people[0],
+                    d.people[1],
+                    d.attributes[0],
+                    d.attributes[1],
+                    if d.until > 0 { format!(", until step {}", d.until) } else { String::new() }
+                )
+            }),
         ]
         .into_iter()
         .flatten()
