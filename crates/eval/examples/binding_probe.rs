@@ -26,6 +26,8 @@ fn main() -> Result<()> {
     // [place][right, other person's value, anything else]
     let mut tally = vec![[0usize; 3]; people];
     let mut by_attribute = std::collections::BTreeMap::<&str, [usize; 3]>::new();
+    // A few answers that are no one's value of the asked attribute, to see what the model reaches for instead.
+    let mut others: Vec<String> = Vec::new();
     for _ in 0..docs {
         let ps = loop {
             let ps = world.draw_people(&mut rng, Split::Fresh, people);
@@ -52,6 +54,9 @@ fn main() -> Result<()> {
             } else if ps.iter().any(|p| p.value(attribute) == said) {
                 1
             } else {
+                if others.len() < 6 {
+                    others.push(format!("{} asked, said {said:?} (want {})", attribute.name(), who.value(attribute)));
+                }
                 2
             };
             tally[place][kind] += 1;
@@ -64,6 +69,9 @@ fn main() -> Result<()> {
     }
     for (a, t) in &by_attribute {
         println!("  {a:>8}: {:>3} / {:>3} / {:>3}", t[0], t[1], t[2]);
+    }
+    for o in &others {
+        println!("  other: {o}");
     }
     // The held-out phrasing in context, one-person documents, by attribute: which wording the model cannot read.
     let mut heldout = std::collections::BTreeMap::<&str, [usize; 2]>::new();

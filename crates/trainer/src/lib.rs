@@ -64,6 +64,10 @@ pub struct TrainConfig {
     pub model: LlamaConfig,
     #[serde(default)]
     pub init: engram_model::Init,
+    /// A second stage: start from this model directory's weights (same shape) instead of `init`, with a fresh
+    /// optimizer and this recipe's schedule. Relative paths are read from the working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
     pub eval_every: u64,
     pub eval_items: usize,
     pub checkpoint_every: u64,
@@ -87,6 +91,7 @@ impl TrainConfig {
             model: LlamaConfig::small(0),
             // With 0.02 at this width no run learned to read in context (attention stayed uniform).
             init: engram_model::Init::FanIn,
+            init_from: None,
             eval_every: 300,
             eval_items: 60,
             checkpoint_every: 100,
@@ -190,6 +195,14 @@ pub fn train_until(
     } else {
         // A fresh run starts a fresh log.
         let _ = std::fs::remove_file(out.join(LOG_FILE));
+        if let Some(from) = &cfg.init_from {
+            let weights = from.join(engram_model::WEIGHTS_FILE);
+            let mut vm = varmap.clone();
+            vm.load(&weights).with_context(|| {
+                format!("starting from {}: its weights must have this recipe's model shape", weights.display())
+            })?;
+            eprintln!("starting from the weights in {}", from.display());
+        }
     }
 
     eprintln!(
@@ -350,7 +363,7 @@ that later get injected. The evaluation below says how far it got.\n\n\
 | tokens | {tokens} |\n| wall time | {wall:.0} s ({wall_min:.1} min) on 2 CPU cores |\n| throughput | {tps:.0} tokens/s |\n\
 | final loss | {loss:.4} |\n| peak lr | {lr} (warmup {wu}, hold {hold}, cosine to {fin}x) |\n\
 | mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw}; {qlo}-{qhi} questions per \
-document, document text weight {tw}; 1-2 person documents until step {sd}{extras} |\n| init | {init:?} |\n\n\
+document, document text weight {tw}; 1-2 person documents until step {sd}{extras} |\n| init | {init} |\n\n\
 Reproduce: `engram train base --config <file> --out <dir>`, the file holding the `config` object of `training.json` \
 beside this card (resumable with `--resume`). The per-step log is `train_log.jsonl` beside this card when trained \
 locally.\n\n\
@@ -409,7 +422,10 @@ icl_single by attribute: {attrs}\n",
         .into_iter()
         .flatten()
         .collect::<String>(),
-        init = c.init,
+        init = match &c.init_from {
+            Some(from) => format!("the weights of {}", from.display()),
+            None => format!("{:?}", c.init),
+        },
         eseed = r.seed,
         items = r.items,
         a = r.icl_single,
