@@ -363,7 +363,7 @@ that later get injected. The evaluation below says how far it got.\n\n\
 | tokens | {tokens} |\n| wall time | {wall:.0} s ({wall_min:.1} min) on 2 CPU cores |\n| throughput | {tps:.0} tokens/s |\n\
 | final loss | {loss:.4} |\n| peak lr | {lr} (warmup {wu}, hold {hold}, cosine to {fin}x) |\n\
 | mix | reading {mr}, known bios {mb}, closed-book {mc}, skills {ms}; answer weight {aw}; {qlo}-{qhi} questions per \
-document, document text weight {tw}; 1-2 person documents until step {sd}{extras} |\n| init | {init} |\n\n\
+document, document text weight {tw}{sd}{extras} |\n| init | {init} |\n\n\
 Reproduce: `engram train base --config <file> --out <dir>`, the file holding the `config` object of `training.json` \
 beside this card (resumable with `--resume`). The per-step log is `train_log.jsonl` beside this card when trained \
 locally.\n\n\
@@ -398,7 +398,10 @@ icl_single by attribute: {attrs}\n",
         mc = c.mix.closed_book,
         ms = c.mix.skill,
         aw = c.mix.answer_weight,
-        sd = c.mix.short_docs_until,
+        sd = match c.mix.short_docs_until {
+            0 => String::new(),
+            n => format!("; 1-2 person documents until step {n}"),
+        },
         qlo = c.mix.questions[0],
         qhi = c.mix.questions[1],
         tw = c.mix.reading_text_weight,

@@ -54,3 +54,34 @@ fn resumed_run_matches_an_uninterrupted_one() {
         assert!(diff < 1e-5, "{name} differs by {diff} after resuming");
     }
 }
+
+#[test]
+fn a_second_stage_starts_from_the_first_stages_weights() {
+    let first = tempfile::tempdir().unwrap();
+    train(&TrainConfig::tiny(6, 30), first.path(), false).unwrap();
+    let first_losses = log_losses(first.path());
+
+    // A second stage with drills, from the first stage's weights: its first loss starts where the first stage
+    // ended, not where a fresh model starts.
+    let mut cfg = TrainConfig::tiny(7, 25);
+    cfg.init_from = Some(first.path().to_path_buf());
+    cfg.mix.drill = Some(engram_trainer::Drill { weight: 1.0, people: [2, 2], attributes: [1, 2], until: 0 });
+    let second = tempfile::tempdir().unwrap();
+    train(&cfg, second.path(), false).unwrap();
+    let second_losses = log_losses(second.path());
+    assert!(
+        second_losses[0] < first_losses[0] - 0.3,
+        "second stage started at {} against a fresh start's {}",
+        second_losses[0],
+        first_losses[0]
+    );
+    let card = std::fs::read_to_string(second.path().join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("binding drills") && card.contains("the weights of"), "{card}");
+
+    // Weights of another shape are refused with the path named.
+    let mut wrong = TrainConfig::tiny(7, 5);
+    wrong.model.hidden_size *= 2;
+    wrong.init_from = Some(first.path().to_path_buf());
+    let err = format!("{:#}", train(&wrong, tempfile::tempdir().unwrap().path(), false).unwrap_err());
+    assert!(err.contains("model shape"), "{err}");
+}
