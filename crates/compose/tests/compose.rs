@@ -56,7 +56,12 @@ fn memit_keeps_twenty_documents_that_naive_accumulation_destroys() {
     assert!(naive.locality < 0.5, "naive accumulation no longer collapses: locality {}", naive.locality);
     assert!(naive.drift > 2.0, "naive drift {}", naive.drift);
     assert!(kept.reliability >= 0.9, "memit reliability {}", kept.reliability);
-    assert!(kept.locality >= 0.97, "memit locality {}", kept.locality);
+    // Known recall, one-person reading and skills stay within 3%. Four-person reading sits at chance on the shipped
+    // base (0.275, four people), so on 100 items its ratio to the base moves by about 0.16 from sampling alone.
+    for (suite, kept_ratio) in &kept.locality_by_suite {
+        let floor = if suite == "icl_multi" { 0.8 } else { 0.97 };
+        assert!(*kept_ratio >= floor, "memit locality on {suite}: {kept_ratio}");
+    }
     assert!(kept.drift < 1.0, "memit drift {}", kept.drift);
 }
 
