@@ -307,9 +307,21 @@ enum BenchCommand {
         /// Memory strategy: one entry per person instead of one per fact (person and attribute).
         #[arg(long)]
         memory_per_person: bool,
-        /// Memory strategy: key and fit each entry on the world's extra question paraphrases too.
-        #[arg(long)]
+        /// Memory strategy: key and fit each entry on the world's extra question paraphrases too (false: the two
+        /// trained phrasings only).
+        #[arg(long, default_value_t = engram_compose::MemoryConfig::default().paraphrases, action = clap::ArgAction::Set)]
         memory_paraphrases: bool,
+        /// Memory strategy: where the model's own top next-token probability is below this, an entry fires above
+        /// the highest cosine of the protected positions the model is unsure of (0: the absolute threshold only).
+        #[arg(long, default_value_t = engram_compose::MemoryConfig::default().gate)]
+        memory_gate: f32,
+        /// Memory strategy: reading and skill samples among the protected texts (beside every known person's
+        /// questions and a biography each) whose positions set the thresholds.
+        #[arg(long, default_value_t = engram_compose::MemoryConfig::default().protected_samples)]
+        memory_protected_samples: usize,
+        /// Memory strategy: added to each entry's unsure threshold.
+        #[arg(long, default_value_t = engram_compose::MemoryConfig::default().unsure_margin)]
+        memory_unsure_margin: f32,
         #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
         injector: InjectorKind,
         /// Distillation steps (with --injector distill).
@@ -571,6 +583,9 @@ fn main() -> Result<()> {
             memory_margin,
             memory_per_person,
             memory_paraphrases,
+            memory_gate,
+            memory_protected_samples,
+            memory_unsure_margin,
             compact_every,
             csv,
             plot,
@@ -605,6 +620,9 @@ fn main() -> Result<()> {
                         margin: memory_margin,
                         per_fact: !memory_per_person,
                         paraphrases: memory_paraphrases,
+                        gate: memory_gate,
+                        protected_samples: memory_protected_samples,
+                        unsure_margin: memory_unsure_margin,
                         search_steps,
                         search_lr,
                         ..Default::default()

@@ -13,6 +13,12 @@
 //! to all of those questions at once: the question's own residual already selects the attribute, so one vector
 //! serves every attribute and phrasing. Its threshold is the highest cosine any protected position (known facts,
 //! reading, skills) reaches against the key, so the entry stays silent on everything the model must keep.
+//!
+//! A second, lower threshold holds where the model is unsure (its own top next-token probability below the gate):
+//! the highest cosine among the protected positions where it is unsure too. Most protected positions that come
+//! close to an entry are ones the model answers with confidence (a known person's question, a document it reads),
+//! while a question about someone it was never taught leaves it unsure. So the lower threshold reaches wordings of
+//! the question the key was not built from and still never fires on a measured protected position.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
@@ -47,6 +53,13 @@ pub struct MemoryConfig {
     /// phrasings: the key is then the mean over five wordings, closer to what any wording of the question reads.
     #[serde(default)]
     pub paraphrases: bool,
+    /// Below this top next-token probability of the model without the memory an entry fires above its unsure
+    /// threshold (the highest cosine of protected positions the model is unsure of, plus `unsure_margin`). 0: never.
+    #[serde(default)]
+    pub gate: f32,
+    /// `margin` for the unsure threshold.
+    #[serde(default)]
+    pub unsure_margin: f32,
     pub protected_samples: usize,
     pub seed: u64,
 }
@@ -59,7 +72,9 @@ impl Default for MemoryConfig {
             search_stop_p: 0.9,
             margin: 0.08,
             per_fact: true,
-            paraphrases: false,
+            paraphrases: true,
+            gate: 0.8,
+            unsure_margin: 0.065,
             protected_samples: 400,
             seed: 0x5AFE,
         }
@@ -75,10 +90,14 @@ pub struct SideMemoryStrategy {
     mean: Tensor,
     /// Every protected position's centred, unit-length final residual (`positions x hidden`).
     protected: Tensor,
+    /// The model's top next-token probability at each protected position (`positions`).
+    confidence: Tensor,
+    /// The rows of `protected` where that probability is below the gate: they set the unsure thresholds.
+    unsure: Tensor,
     profile: bool,
 }
 
-const SETUP_MAGIC: &[u8] = b"engram-memory-setup-v1\n";
+const SETUP_MAGIC: &[u8] = b"engram-memory-setup-v2\n";
 
 /// What the protected sample depends on: a setup measured under another sample must not be reused.
 fn setup_fingerprint(cfg: &MemoryConfig) -> u64 {
@@ -104,6 +123,17 @@ fn unit(x: &Tensor) -> Result<Tensor> {
 /// `x - mean`, rows scaled to unit length.
 fn directions(x: &Tensor, mean: &Tensor) -> Result<Tensor> {
     unit(&x.broadcast_sub(mean)?)
+}
+
+/// The model's top next-token probability after each final residual in `x` (`positions x hidden`).
+fn confidence(model: &Llama, x: &Tensor) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    for start in (0..x.dim(0)?).step_by(4096) {
+        let rows = x.narrow(0, start, 4096.min(x.dim(0)? - start))?;
+        let logits = model.normed_logits(&model.final_norm(&rows)?)?;
+        parts.push(candle_nn::ops::softmax_last_dim(&logits)?.max(D::Minus1)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Final residuals (before the last norm) of `rows`, at every position or only each row's last one.
@@ -136,20 +166,39 @@ impl SideMemoryStrategy {
         let x = final_residuals(base, &rows, pad, false)?;
         let mean = x.mean_keepdim(0)?;
         let protected = directions(&x, &mean)?;
-        Ok(Self::with_protected(base, tokenizer, cfg, mean, protected))
+        let confidence = confidence(base, &x)?;
+        Self::with_protected(base, tokenizer, cfg, mean, protected, confidence)
     }
 
-    /// The strategy over protected positions already measured: their mean and centred unit directions.
-    fn with_protected(base: &Llama, tokenizer: &Tokenizer, cfg: MemoryConfig, mean: Tensor, protected: Tensor) -> Self {
-        Self {
+    /// The strategy over protected positions already measured: their mean, centred unit directions and the model's
+    /// confidence at each.
+    fn with_protected(
+        base: &Llama,
+        tokenizer: &Tokenizer,
+        cfg: MemoryConfig,
+        mean: Tensor,
+        protected: Tensor,
+        confidence: Tensor,
+    ) -> Result<Self> {
+        let rows: Vec<u32> = confidence
+            .to_vec1::<f32>()?
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c < cfg.gate)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let unsure = protected.index_select(&Tensor::new(rows.as_slice(), protected.device())?, 0)?;
+        Ok(Self {
             cfg,
             world: World::new(),
             tokenizer: tokenizer.clone(),
             base: base.clone(),
             mean,
             protected,
+            confidence,
+            unsure,
             profile: std::env::var_os("ENGRAM_PROFILE").is_some(),
-        }
+        })
     }
 
     /// Rebuilt from what [`Strategy::setup`] wrote on the same base model and configuration, without measuring.
@@ -171,7 +220,7 @@ impl SideMemoryStrategy {
         if fingerprint != setup_fingerprint(&cfg) {
             bail!("memory setup measured with another protected sample (config changed)");
         }
-        let floats = (1 + rows) * hidden;
+        let floats = (1 + rows) * hidden + rows;
         if setup.len() != header + 4 * floats {
             bail!("memory setup is {} bytes, expected {}", setup.len(), header + 4 * floats);
         }
@@ -179,8 +228,9 @@ impl SideMemoryStrategy {
             setup[header..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let dev = base.device();
         let mean = Tensor::from_slice(&v[..hidden], (1, hidden), dev)?;
-        let protected = Tensor::from_slice(&v[hidden..], (rows, hidden), dev)?;
-        Ok(Self::with_protected(base, tokenizer, cfg, mean, protected))
+        let protected = Tensor::from_slice(&v[hidden..(1 + rows) * hidden], (rows, hidden), dev)?;
+        let confidence = Tensor::from_slice(&v[(1 + rows) * hidden..], rows, dev)?;
+        Self::with_protected(base, tokenizer, cfg, mean, protected, confidence)
     }
 
     pub fn config(&self) -> &MemoryConfig {
@@ -256,19 +306,21 @@ impl Strategy for SideMemoryStrategy {
         let lora = LoraSet::from_delta(&candidate, head.device())?;
         let hidden = head.config().hidden_size;
         let (mut keys, mut values, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
-        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        let (mut gates, mut unsure_thresholds) = (Vec::new(), Vec::new());
+        // (what the entry is about, its questions)
+        let mut facts: Vec<(String, Vec<String>)> = Vec::new();
         for name in &names {
             let questions = self.world.questions_about_with(name, self.cfg.paraphrases);
             if self.cfg.per_fact {
                 for a in engram_world::Attribute::ALL {
                     let qs = questions.iter().filter(|(b, _)| *b == a).map(|(_, q)| q.clone()).collect();
-                    groups.push((format!("{name} {}", a.name()), qs));
+                    facts.push((format!("{name} {}", a.name()), qs));
                 }
             } else {
-                groups.push((name.clone(), questions.into_iter().map(|(_, q)| q).collect()));
+                facts.push((name.clone(), questions.into_iter().map(|(_, q)| q).collect()));
             }
         }
-        for (name, questions) in &groups {
+        for (name, questions) in &facts {
             let t0 = std::time::Instant::now();
             let prompts: Vec<Vec<u32>> = questions
                 .iter()
@@ -286,11 +338,17 @@ impl Strategy for SideMemoryStrategy {
             let own = dirs.matmul(&key.t()?)?.flatten_all()?.to_vec1::<f32>()?;
             let own_min = own.iter().copied().fold(f32::INFINITY, f32::min);
             let threshold = entry_threshold(protected_max, own_min, self.cfg.margin);
+            let (gate, unsure_threshold) = if self.cfg.gate > 0.0 && self.unsure.dim(0)? > 0 {
+                let unsure_max = self.unsure.matmul(&key.t()?)?.max_all()?.to_scalar::<f32>()?;
+                (self.cfg.gate, entry_threshold(unsure_max, own_min, self.cfg.unsure_margin).min(threshold))
+            } else {
+                (0.0, 1.0)
+            };
             if self.profile {
                 let covered = own.iter().filter(|&&s| s > threshold).count();
                 eprintln!(
-                    "memory {name}: answer p min {reached:.3}, |v| {:.2}, threshold {threshold:.3}, own questions above it \
-                     {covered}/{}, {:?}",
+                    "memory {name}: answer p min {reached:.3}, |v| {:.2}, threshold {threshold:.3} (unsure \
+                     {unsure_threshold:.3}), own questions above it {covered}/{}, {:?}",
                     v.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt(),
                     own.len(),
                     t0.elapsed()
@@ -299,9 +357,11 @@ impl Strategy for SideMemoryStrategy {
             keys.extend(key.flatten_all()?.to_vec1::<f32>()?);
             values.extend(v.flatten_all()?.to_vec1::<f32>()?);
             thresholds.push(threshold);
+            gates.push(gate);
+            unsure_thresholds.push(unsure_threshold);
         }
         let mean = self.mean.flatten_all()?.to_vec1::<f32>()?;
-        let memory = Memory { hidden, mean, keys, values, thresholds };
+        let memory = Memory { hidden, mean, keys, values, thresholds, gates, unsure_thresholds };
         memory.check()?;
         let meta = engram_lora::Meta {
             scale: 1.0,
@@ -316,16 +376,17 @@ impl Strategy for SideMemoryStrategy {
         Ok(())
     }
 
-    /// The protected positions' mean and directions (`4 x hidden x (positions + 1)` bytes: about 100 MB for the
-    /// shipped model's 95,000 positions), so a worker starts in a second instead of measuring for half a minute.
+    /// The protected positions' mean, directions and the model's confidence at each (`4 x (hidden + 1) x
+    /// (positions + 1)` bytes: about 100 MB for the shipped model's 95,000 positions), so a worker starts in a
+    /// second instead of measuring for half a minute.
     fn setup(&self) -> Result<Vec<u8>> {
         let (rows, hidden) = self.protected.dims2()?;
-        let mut out = Vec::with_capacity(SETUP_MAGIC.len() + 20 + 4 * (rows + 1) * hidden);
+        let mut out = Vec::with_capacity(SETUP_MAGIC.len() + 20 + 4 * ((rows + 1) * hidden + rows));
         out.extend_from_slice(SETUP_MAGIC);
         out.extend_from_slice(&(hidden as u32).to_le_bytes());
         out.extend_from_slice(&(rows as u64).to_le_bytes());
         out.extend_from_slice(&setup_fingerprint(&self.cfg).to_le_bytes());
-        for t in [&self.mean, &self.protected] {
+        for t in [&self.mean, &self.protected, &self.confidence] {
             for x in t.flatten_all()?.to_vec1::<f32>()? {
                 out.extend_from_slice(&x.to_le_bytes());
             }

@@ -219,9 +219,14 @@ pub fn run(
     let locality: Vec<(&str, Vec<Probe>)> =
         LOCALITY.iter().map(|&(name, i)| (name, suite_probes(&world, cfg.seed, i, cfg.locality_items))).collect();
     let mut base_scores = BTreeMap::new();
+    let mut base_hits = BTreeMap::new();
     for (name, probes) in &locality {
-        base_scores.insert(name.to_string(), accuracy(&exact_match(llama, tok, None, probes)?));
+        let hits = exact_match(llama, tok, None, probes)?;
+        base_scores.insert(name.to_string(), accuracy(&hits));
+        base_hits.insert(name.to_string(), hits);
     }
+    // ENGRAM_PROFILE: name every locality probe whose answer the chain changed.
+    let profile = std::env::var_os("ENGRAM_PROFILE").is_some();
     let gate = cfg.gate.clone().map(|g| Gate::new(llama, tok, g)).transpose()?;
     let setup_s = setup_s + t_setup.elapsed().as_secs_f64();
 
@@ -286,7 +291,20 @@ pub fn run(
             let hits = exact_match(head, tok, None, &reliability)?;
             let mut by_suite = BTreeMap::new();
             for (name, probes) in &locality {
-                let acc = accuracy(&exact_match(head, tok, None, probes)?);
+                let hits = exact_match(head, tok, None, probes)?;
+                if profile {
+                    for ((p, now), was) in probes.iter().zip(&hits).zip(&base_hits[*name]) {
+                        if now != was {
+                            eprintln!(
+                                "locality {name} changed ({was} -> {now}) after {}: {} | {}",
+                                i + 1,
+                                p.prompt,
+                                p.answer
+                            );
+                        }
+                    }
+                }
+                let acc = accuracy(&hits);
                 by_suite.insert(name.to_string(), acc / base_scores[*name].max(1e-9));
             }
             let point = Point {

@@ -105,7 +105,8 @@ pub struct Delta {
 /// A key-value side memory read at the final residual stream. At every position the residual after the last layer,
 /// centred on `mean` and scaled to unit length, is compared with every key (cosine); the best-matching entry adds
 /// its value to the normed residual (after the final norm, so a value is a fixed change of the logits) when its
-/// score exceeds that entry's threshold.
+/// score exceeds that entry's threshold, or, where the model without the memory gives its top next token a
+/// probability below the entry's gate, when the score exceeds the entry's lower unsure threshold.
 /// Nothing before the head sees the memory, so entries cannot disturb each other's keys, and a chain's memories
 /// are concatenated, never summed: the thousandth entry is stored exactly like the first.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +120,12 @@ pub struct Memory {
     pub values: Vec<f32>,
     /// `entries`: the cosine an entry's score must exceed to fire.
     pub thresholds: Vec<f32>,
+    /// `entries`: below this top next-token probability of the model without the memory, a position is one the
+    /// model is unsure of, and the entry fires above `unsure_thresholds` instead. 0 never (deltas written before
+    /// gates existed read as 0).
+    pub gates: Vec<f32>,
+    /// `entries`: the cosine an entry's score must exceed to fire at a position the model is unsure of.
+    pub unsure_thresholds: Vec<f32>,
 }
 
 impl Memory {
@@ -129,20 +136,33 @@ impl Memory {
     /// Checks that the parts agree in shape and hold finite values, keys of unit length and thresholds in [-1, 1].
     pub fn check(&self) -> Result<()> {
         let (d, n) = (self.hidden, self.thresholds.len());
-        if d == 0 || self.mean.len() != d || self.keys.len() != n * d || self.values.len() != n * d {
+        if d == 0
+            || self.mean.len() != d
+            || self.keys.len() != n * d
+            || self.values.len() != n * d
+            || self.gates.len() != n
+            || self.unsure_thresholds.len() != n
+        {
             return Err(Error::Invalid(format!(
-                "memory of {n} entries at hidden size {d} has mean {}, keys {} and values {} values",
+                "memory of {n} entries at hidden size {d} has mean {}, keys {}, values {}, gates {} and unsure \
+                 thresholds {} values",
                 self.mean.len(),
                 self.keys.len(),
-                self.values.len()
+                self.values.len(),
+                self.gates.len(),
+                self.unsure_thresholds.len()
             )));
         }
         if let Some(bad) = self.mean.iter().chain(&self.keys).chain(&self.values).find(|v| !v.is_finite()) {
             return Err(Error::Invalid(format!("memory: non-finite value {bad}")));
         }
-        if let Some(t) = self.thresholds.iter().find(|t| !(-1.0..=1.0).contains(*t)) {
+        if let Some(t) = self.thresholds.iter().chain(&self.unsure_thresholds).find(|t| !(-1.0..=1.0).contains(*t)) {
             return Err(Error::Invalid(format!("memory: threshold {t} is not a cosine in [-1, 1]")));
         }
+        if let Some(g) = self.gates.iter().find(|g| !(0.0..=1.0).contains(*g)) {
+            return Err(Error::Invalid(format!("memory: gate {g} is not a probability in [0, 1]")));
+        }
+
         for (i, k) in self.keys.chunks_exact(d).enumerate() {
             let norm = k.iter().map(|x| x * x).sum::<f32>().sqrt();
             if (norm - 1.0).abs() > 1e-3 {
@@ -164,6 +184,8 @@ impl Memory {
         self.keys.extend_from_slice(&other.keys);
         self.values.extend_from_slice(&other.values);
         self.thresholds.extend_from_slice(&other.thresholds);
+        self.gates.extend_from_slice(&other.gates);
+        self.unsure_thresholds.extend_from_slice(&other.unsure_thresholds);
         Ok(())
     }
 
@@ -305,6 +327,8 @@ impl Delta {
             tensors.push(("memory.keys".into(), vec![n, d], m.keys.clone()));
             tensors.push(("memory.values".into(), vec![n, d], m.values.clone()));
             tensors.push(("memory.thresholds".into(), vec![n], m.thresholds.clone()));
+            tensors.push(("memory.gates".into(), vec![n], m.gates.clone()));
+            tensors.push(("memory.unsure_thresholds".into(), vec![n], m.unsure_thresholds.clone()));
         }
         let meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
@@ -499,12 +523,23 @@ fn read_memory(tensors: Vec<(String, Tensor)>) -> Result<Option<Memory>> {
     let mut take = |name: &str| parts.remove(name).ok_or_else(|| malformed(format!("memory lacks {name}")));
     let (mean, keys, values, thresholds) =
         (take("memory.mean")?, take("memory.keys")?, take("memory.values")?, take("memory.thresholds")?);
+    let n = thresholds.1.len();
+    // Written before gates existed: no entry is gated.
+    let gates = parts.remove("memory.gates").map_or_else(|| vec![0.0; n], |t| t.1);
+    let unsure_thresholds = parts.remove("memory.unsure_thresholds").map_or_else(|| vec![1.0; n], |t| t.1);
     if let Some(extra) = parts.keys().next() {
         return Err(malformed(format!("unexpected tensor {extra}")));
     }
     let d = mean.1.len();
-    let m = Memory { hidden: d, mean: mean.1, keys: keys.1, values: values.1, thresholds: thresholds.1 };
-    let n = m.entries();
+    let m = Memory {
+        hidden: d,
+        mean: mean.1,
+        keys: keys.1,
+        values: values.1,
+        thresholds: thresholds.1,
+        gates,
+        unsure_thresholds,
+    };
     if keys.0 != [n, d] || values.0 != [n, d] {
         return Err(malformed(format!("memory keys {:?} and values {:?} are not {n}x{d}", keys.0, values.0)));
     }
@@ -543,4 +578,26 @@ pub fn layer_norms(terms: &[(f64, &Delta)]) -> Result<BTreeMap<usize, f64>> {
         *out.entry(*layer).or_default() += sq.max(0.0);
     }
     Ok(out.into_iter().map(|(l, s)| (l, s.sqrt())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_written_before_gates_existed_reads_as_ungated() {
+        let (n, d) = (2, 3);
+        let key = |i: usize| (0..d).map(|j| if i == j { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+        let tensors = vec![
+            ("memory.mean".to_string(), vec![d], vec![0.0; d]),
+            ("memory.keys".to_string(), vec![n, d], [key(0), key(1)].concat()),
+            ("memory.values".to_string(), vec![n, d], vec![0.5; n * d]),
+            ("memory.thresholds".to_string(), vec![n], vec![0.7; n]),
+        ];
+        let meta = HashMap::from([("format".to_string(), FORMAT.to_string()), ("scale".into(), "1".into())]);
+        let delta = Delta::decode(&write_tensors(&tensors, meta).unwrap()).unwrap();
+        let m = delta.memory.unwrap();
+        m.check().unwrap();
+        assert_eq!((m.gates, m.unsure_thresholds), (vec![0.0; n], vec![1.0; n]));
+    }
 }

@@ -173,6 +173,8 @@ fn memory_delta(seed: u32, entries: usize) -> Delta {
             keys,
             values: pseudo(seed + 1, entries * d),
             thresholds: vec![0.7; entries],
+            gates: vec![0.8; entries],
+            unsure_thresholds: vec![0.5; entries],
         }),
     }
 }
@@ -192,6 +194,13 @@ fn memory_entries_round_trip_hash_validate_and_compact_by_concatenation() {
     let err = bad.validate("b4se", 2, shape, 4, 1e4).unwrap_err().to_string();
     assert!(err.contains("threshold 1.5"), "{err}");
     let mut bad = m.clone();
+    bad.memory.as_mut().unwrap().gates[0] = 1.5;
+    let err = bad.validate("b4se", 2, shape, 4, 1e4).unwrap_err().to_string();
+    assert!(err.contains("gate 1.5"), "{err}");
+    let mut bad = m.clone();
+    bad.memory.as_mut().unwrap().unsure_thresholds.pop();
+    assert!(bad.validate("b4se", 2, shape, 4, 1e4).is_err(), "a memory short of an unsure threshold passed");
+    let mut bad = m.clone();
     bad.memory.as_mut().unwrap().keys[0] = 3.0;
     assert!(bad.validate("b4se", 2, shape, 4, 1e4).unwrap_err().to_string().contains("key norm"));
     let mut bad = m.clone();
@@ -205,6 +214,7 @@ fn memory_entries_round_trip_hash_validate_and_compact_by_concatenation() {
     let cm = c.memory.as_ref().unwrap();
     assert_eq!(cm.entries(), 6);
     assert_eq!(&cm.keys[..8], &m.memory.as_ref().unwrap().keys[..]);
+    assert_eq!((cm.gates.len(), cm.unsure_thresholds.len()), (6, 6));
     assert_eq!(c.adapters.len(), 2);
     let mut other_centre = memory_delta(7, 1);
     other_centre.memory.as_mut().unwrap().mean[0] = 0.0;

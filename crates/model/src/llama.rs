@@ -319,13 +319,21 @@ impl Llama {
         let x = if opts.last_only { x.i((.., t - 1..t, ..))?.contiguous()? } else { x };
         // The side memory matches the residual before the final norm and adds after it, where a value is a fixed
         // change of the logits (`lm_head @ value`) whatever the residual's scale.
-        let added = self.memory.as_ref().map(|m| m.added(&x)).transpose()?;
-        let x = self.rms_norm(&x, &self.norm, opts.kernels)?;
-        let x = match added {
-            Some(a) => (x + a)?,
-            None => x,
+        // A gated entry also reads how sure the model is without the memory (its top next-token probability).
+        let normed = self.rms_norm(&x, &self.norm, opts.kernels)?;
+        let logits = self.lm_head.forward(&normed)?;
+        let logits = match &self.memory {
+            None => logits,
+            Some(m) => {
+                let confidence = if m.gated() {
+                    Some(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.max(D::Minus1)?)
+                } else {
+                    None
+                };
+                let added = m.added(&x, confidence.as_ref())?;
+                (logits + self.lm_head.forward(&added)?)?
+            }
         };
-        let logits = self.lm_head.forward(&x)?;
         let logits = if opts.last_only { logits.squeeze(1)? } else { logits };
         Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, residuals, mlp_hidden })
     }

@@ -419,6 +419,18 @@ fn side_memory_fires_only_above_its_threshold_and_changes_only_the_head() {
         v.iter().map(|x| x / n).collect()
     };
     let value: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { 2.0 } else { -1.0 }).collect();
+    let gated = |threshold: f32, gate: f32, unsure: f32| engram_lora::Delta {
+        memory: Some(engram_lora::Memory {
+            hidden: d,
+            mean: vec![0.0; d],
+            keys: unit(&last),
+            values: value.clone(),
+            thresholds: vec![threshold],
+            gates: vec![gate],
+            unsure_thresholds: vec![unsure],
+        }),
+        ..Default::default()
+    };
     let keyed = |sign: f32, threshold: f32, mean: f32| engram_lora::Delta {
         memory: Some(engram_lora::Memory {
             hidden: d,
@@ -426,6 +438,8 @@ fn side_memory_fires_only_above_its_threshold_and_changes_only_the_head() {
             keys: unit(&last.iter().map(|x| sign * (x - mean)).collect::<Vec<_>>()),
             values: value.clone(),
             thresholds: vec![threshold],
+            gates: vec![0.0],
+            unsure_thresholds: vec![1.0],
         }),
         ..Default::default()
     };
@@ -454,6 +468,17 @@ fn side_memory_fires_only_above_its_threshold_and_changes_only_the_head() {
     // The opposite direction scores -1 there: it stays silent.
     let silent = model.merged(&[&keyed(-1.0, 0.9, 0.0)]).unwrap();
     assert_eq!(max_abs_diff(&silent.forward(&input, &Positions::From(0), &opts).unwrap().logits, &before.logits), 0.0);
+    // A gated entry fires above its unsure threshold only where the model's own top probability is below the gate
+    // (an untrained model is never sure: below 1, above 0): its absolute threshold of 1 is never exceeded.
+    let logits_of = |delta: &engram_lora::Delta| {
+        model.merged(&[delta]).unwrap().forward(&input, &Positions::From(0), &opts).unwrap().logits
+    };
+    assert!(max_abs_diff(&logits_of(&gated(1.0, 1.0, 0.999)), &after.logits) < 1e-4, "the gated entry did not fire");
+    assert_eq!(
+        max_abs_diff(&logits_of(&gated(1.0, 0.0, 0.999)), &before.logits),
+        0.0,
+        "fired though the model is sure"
+    );
     // Chains concatenate; memories measured from different centres are refused; adapters alone cannot carry one.
     assert_eq!(head.merged(&[&memory(0.5, 0.0)]).unwrap().memory().unwrap().entries(), 2);
     assert!(head.merged(&[&memory(0.5, 0.25)]).is_err());
