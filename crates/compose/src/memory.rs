@@ -74,7 +74,7 @@ impl Default for MemoryConfig {
             per_fact: true,
             paraphrases: true,
             gate: 0.8,
-            unsure_margin: 0.065,
+            unsure_margin: 0.08,
             protected_samples: 400,
             seed: 0x5AFE,
         }
