@@ -9,9 +9,8 @@
 //! `cargo run --release -p engram-compose --example firing_probe -- models/base 1000`
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
-use engram_compose::keys::padded;
-use engram_model::{BaseModel, ForwardOptions, Kernels, Positions};
+use candle_core::{Device, Tensor, D};
+use engram_model::BaseModel;
 use engram_world::{Rng, World};
 
 /// Per row: the best entry and its score.
@@ -41,23 +40,7 @@ fn main() -> Result<()> {
     let pad = tok.token_to_id("<pad>").unwrap();
     let capture = |texts: &[String], last: bool| -> Result<Tensor> {
         let rows: Vec<Vec<u32>> = texts.iter().map(|t| engram_model::encode(tok, t)).collect::<Result<_, _>>()?;
-        let mut parts = Vec::new();
-        for batch in rows.chunks(64) {
-            let (ids, t) = padded(batch.iter().map(Vec::as_slice), pad, llama.device())?;
-            let keep: Vec<u32> = batch
-                .iter()
-                .enumerate()
-                .flat_map(|(i, r)| {
-                    let from = if last { r.len() - 1 } else { 0 };
-                    (from..r.len()).map(move |p| (i * t + p) as u32)
-                })
-                .collect();
-            let opts = ForwardOptions { kernels: Kernels::Fused, capture_residuals: true, ..Default::default() };
-            let out = llama.forward(&ids, &Positions::From(0), &opts)?;
-            let r = out.residuals.last().unwrap();
-            parts.push(r.reshape(((), r.dim(2)?))?.index_select(&Tensor::new(keep.as_slice(), llama.device())?, 0)?);
-        }
-        Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
+        engram_compose::memory::final_residuals(llama, &rows, pad, last)
     };
     let probes = |who: &engram_world::Person, heldout: bool| -> Vec<String> {
         let p = if heldout { world.closed_book_probes_heldout(who) } else { world.closed_book_probes_all(who) };

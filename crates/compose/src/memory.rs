@@ -137,7 +137,7 @@ fn confidence(model: &Llama, x: &Tensor) -> Result<Tensor> {
 }
 
 /// Final residuals (before the last norm) of `rows`, at every position or only each row's last one.
-fn final_residuals(model: &Llama, rows: &[Vec<u32>], pad: u32, last_only: bool) -> Result<Tensor> {
+pub fn final_residuals(model: &Llama, rows: &[Vec<u32>], pad: u32, last_only: bool) -> Result<Tensor> {
     let mut parts = Vec::new();
     for batch in rows.chunks(32) {
         let (ids, t) = padded(batch.iter().map(Vec::as_slice), pad, model.device())?;

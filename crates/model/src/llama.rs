@@ -321,17 +321,13 @@ impl Llama {
         // change of the logits (`lm_head @ value`) whatever the residual's scale.
         // A gated entry also reads how sure the model is without the memory (its top next-token probability).
         let normed = self.rms_norm(&x, &self.norm, opts.kernels)?;
-        let logits = self.lm_head.forward(&normed)?;
         let logits = match &self.memory {
-            None => logits,
+            None => self.lm_head.forward(&normed)?,
+            Some(m) if !m.gated() => self.lm_head.forward(&(normed + m.added(&x, None)?)?)?,
             Some(m) => {
-                let confidence = if m.gated() {
-                    Some(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.max(D::Minus1)?)
-                } else {
-                    None
-                };
-                let added = m.added(&x, confidence.as_ref())?;
-                (logits + self.lm_head.forward(&added)?)?
+                let logits = self.lm_head.forward(&normed)?;
+                let confidence = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.max(D::Minus1)?;
+                (&logits + self.lm_head.forward(&m.added(&x, Some(&confidence))?)?)?
             }
         };
         let logits = if opts.last_only { logits.squeeze(1)? } else { logits };
