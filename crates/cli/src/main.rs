@@ -322,6 +322,10 @@ enum BenchCommand {
         /// Memory strategy: added to each entry's unsure threshold.
         #[arg(long, default_value_t = engram_compose::MemoryConfig::default().unsure_margin)]
         memory_unsure_margin: f32,
+        /// Memory strategy: key each fact on what sets its person apart, its questions' direction minus the
+        /// attribute's centre over the known people's questions (false: the questions' direction itself).
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = engram_compose::MemoryConfig::default().attribute_centred)]
+        memory_attribute_centred: bool,
         #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
         injector: InjectorKind,
         /// Distillation steps (with --injector distill).
@@ -586,6 +590,7 @@ fn main() -> Result<()> {
             memory_gate,
             memory_protected_samples,
             memory_unsure_margin,
+            memory_attribute_centred,
             compact_every,
             csv,
             plot,
@@ -623,6 +628,7 @@ fn main() -> Result<()> {
                         gate: memory_gate,
                         protected_samples: memory_protected_samples,
                         unsure_margin: memory_unsure_margin,
+                        attribute_centred: memory_attribute_centred,
                         search_steps,
                         search_lr,
                         ..Default::default()

@@ -70,8 +70,9 @@ fn side_memory_keeps_forty_documents_exactly_and_leaves_the_model_alone() {
     let r = bench(&mut *memory(), 40).last;
     // One entry per fact: its value reaches the candidate's answer on its own (memit at this size: ~0.9).
     assert!(r.reliability >= 0.95, "memory reliability {}", r.reliability);
-    // The held-out phrasing reaches its entry through the unsure threshold: 0.49 at N=1000 without it, 0.76 with.
-    assert!(r.generalization >= 0.6, "memory generalization {}", r.generalization);
+    // The held-out phrasing reaches its entry through the unsure threshold and keys centred on their attribute:
+    // 0.875 here, 0.84 at N=1000 (0.49 without the unsure threshold, 0.76 with it on uncentred keys).
+    assert!(r.generalization >= 0.8, "memory generalization {}", r.generalization);
     // Entries stay below every protected position's cosine: known recall, reading and skills are untouched.
     assert!(r.locality >= 0.99, "memory locality {}", r.locality);
     // No weight moves: every entry lives beside the model.
@@ -144,7 +145,7 @@ impl Strategy for SabotageFirstOffers<'_> {
         mut candidate: engram_lora::Delta,
     ) -> anyhow::Result<engram_lora::Delta> {
         let first = self.seen.insert(document.to_string());
-        if first && self.seen.len() % 2 == 0 {
+        if first && self.seen.len().is_multiple_of(2) {
             candidate.meta.scale *= 30.0;
             return Ok(candidate);
         }
