@@ -5,10 +5,12 @@
 //! entry, cosine 0.678 against an unsure threshold of 0.677) shares only the attribute. A guard that also cleared
 //! reading questions about two to four made-up namesakes per entry (tried in an earlier version of this probe)
 //! raised 8-22 of 5,000 entries' thresholds and changed no firing. So the keys carry too much of what every question of an attribute shares.
-//! This probe compares keys as the strategy builds them (five wordings' mean direction from the protected mean)
-//! with keys that also drop the attribute's own direction: the mean direction of the known people's questions
-//! about that attribute, subtracted or projected out. Thresholds come from the protected sample as the strategy
-//! sets them; firing is counted on the bench's injected people and locality reading questions plus a larger sample.
+//! This probe compares keys as the strategy built them before (five wordings' mean direction from the protected
+//! mean) with keys that also drop the attribute's own direction: the attribute's centre (the mean direction of the
+//! known people's questions about it) subtracted, which the strategy now does, or that direction projected out.
+//! Thresholds are the protected sample's maxima plus the margin, as the strategy sets them less its halfway rule
+//! for entries whose own questions sit inside the margin; firing is counted on the bench's injected people and
+//! locality reading questions plus a larger sample.
 //! `cargo run --release -p engram-compose --example key_probe -- models/base 1000 2000`
 
 use anyhow::Result;
@@ -69,13 +71,13 @@ fn main() -> Result<()> {
         .flat_map(|who| world.questions_about_with(&who.name(), true).into_iter().map(|(_, q)| format!("<bos> {q}")))
         .collect();
     let kq = dirs(&capture(&known_q, true)?)?.reshape((world.known().len(), 5, 5, d))?;
-    let centroid = kq.mean(2)?.mean(0)?; // 5 x d, not unit
-    let per_entry = centroid.repeat((n, 1))?; // entry i*5+a gets attribute a's
+    let centre = kq.mean(2)?.mean(0)?; // 5 x d, not unit
+    let per_entry = centre.repeat((n, 1))?; // entry i*5+a gets attribute a's
     let cu = unit(&per_entry)?;
     let projected = raw.sub(&cu.broadcast_mul(&(raw.mul(&cu)?.sum_keepdim(D::Minus1)?))?)?;
     let variants = [
-        ("mean direction (today)", unit(&raw)?),
-        ("minus the attribute's centroid", unit(&raw.sub(&per_entry)?)?),
+        ("mean direction (before)", unit(&raw)?),
+        ("minus the attribute's centre (the strategy now)", unit(&raw.sub(&per_entry)?)?),
         ("attribute's direction projected out", unit(&projected)?),
     ];
     eprintln!("keys measured in {:?}", t0.elapsed());

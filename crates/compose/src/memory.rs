@@ -7,9 +7,9 @@
 //!
 //! For each person a document names, the candidate (the injector's delta) answers every trained question about
 //! them. The entry's key is the mean direction of those questions' final residuals at the last prompt token,
-//! centred on the protected texts' mean; a probe found that this direction identifies the person (98% top-1 among
-//! 1,000 people for a question phrasing never used to build the key) while a per-question key does not carry over to
-//! new phrasings (20%). The entry's value is one residual change, searched so the head gives the candidate's answer
+//! centred on the protected texts' mean, less its attribute's centre (below); a probe found that the mean direction
+//! identifies the person (98% top-1 among 1,000 people for a question phrasing never used to build the key, on an
+//! earlier base model) while a per-question key does not carry over to new phrasings (20%). The entry's value is one residual change, searched so the head gives the candidate's answer
 //! to all of those questions at once: the question's own residual already selects the attribute, so one vector
 //! serves every attribute and phrasing. Its threshold is the highest cosine any protected position (known facts,
 //! reading, skills) reaches against the key, so the entry stays silent on everything the model must keep.
@@ -21,11 +21,12 @@
 //! the question the key was not built from and still never fires on a measured protected position.
 //!
 //! Every question about one attribute shares a direction, whoever it names; a key that keeps it comes close to any
-//! question of that attribute the model is unsure of, such as a four-person reading question (an employer question
-//! about one person fired another's employer entry, cosine 0.678 against 0.677). So a fact's key drops its
-//! attribute's centre (the mean direction of the known people's questions about it) and points at what tells the
-//! person apart: held-out wordings fire their own entry 0.827 of the time at the same margin instead of 0.739, and
-//! another fact's entry fires on none of 2,400 reading questions instead of 0-8 (`examples/key_probe.rs`).
+//! question of that attribute the model is unsure of, such as a four-person reading question (at an unsure margin
+//! of 0.05 an employer question about one person fired an unrelated person's employer entry, cosine 0.678 against
+//! 0.677). So a fact's key drops its attribute's centre (the mean direction of the known people's questions about
+//! it, in all five trained wordings) and points at what tells the person apart. At the default margin (0.08)
+//! held-out wordings fire their own entry 0.827 of the time instead of 0.739, and another fact's entry fires on none
+//! of 3,400 reading questions instead of 1 (at 0.05: none instead of 6; `examples/key_probe.rs`).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
@@ -68,7 +69,8 @@ pub struct MemoryConfig {
     #[serde(default)]
     pub unsure_margin: f32,
     /// Key each fact on its question directions minus its attribute's centre (the mean direction of the known
-    /// people's questions about that attribute), so questions that share only the attribute stay far from it.
+    /// people's questions about that attribute, always in all five trained wordings), so questions that share only
+    /// the attribute stay far from it. A configuration written before this field existed keeps the old keys.
     #[serde(default)]
     pub attribute_centred: bool,
     pub protected_samples: usize,
@@ -191,7 +193,8 @@ fn attribute_centres(base: &Llama, tokenizer: &Tokenizer, world: &World, mean: &
 }
 
 impl SideMemoryStrategy {
-    /// Measures the protected positions' final residuals on `base` (tens of seconds on a CPU).
+    /// Measures the protected positions' final residuals and the attribute centres on `base` (about 20 s on two CPU
+    /// cores for the shipped model).
     pub fn new(base: &Llama, tokenizer: &Tokenizer, cfg: MemoryConfig) -> Result<Self> {
         let world = World::new();
         let pad = tokenizer.token_to_id("<pad>").context("tokenizer has no <pad>")?;
@@ -424,7 +427,7 @@ impl Strategy for SideMemoryStrategy {
 
     /// The protected positions' mean, directions and the model's confidence at each, and the attribute centres
     /// (about `4 x (hidden + 1) x (positions + 1)` bytes: 100 MB for the shipped model's 95,000 positions), so a
-    /// worker starts in a second instead of measuring for half a minute.
+    /// worker starts in a second instead of measuring for 20 s.
     fn setup(&self) -> Result<Vec<u8>> {
         let (rows, hidden) = self.protected.dims2()?;
         let floats = (rows + 1) * hidden + rows + self.attribute_centres.elem_count();

@@ -213,6 +213,15 @@ fn a_memory_strategy_rebuilt_from_its_setup_composes_exactly_the_same_entries() 
             .err()
             .unwrap();
     assert!(e.to_string().contains("not a memory strategy setup") || e.to_string().contains("bytes"), "{e}");
+    // A setup cached by an older worker (v2: no attribute centres) is refused, so the worker measures again.
+    let mut old = setup.clone();
+    let magic = b"engram-memory-setup-v3\n";
+    assert!(old.starts_with(magic), "the setup's magic changed: update this test");
+    old[magic.len() - 2] = b'2';
+    let e = engram_compose::SideMemoryStrategy::from_setup(&base.llama, &base.tokenizer, Default::default(), &old)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not a memory strategy setup"), "{e}");
     let other = engram_compose::MemoryConfig { protected_samples: 10, ..Default::default() };
     let e = engram_compose::SideMemoryStrategy::from_setup(&base.llama, &base.tokenizer, other, &setup).err().unwrap();
     assert!(e.to_string().contains("another protected sample"), "{e}");
