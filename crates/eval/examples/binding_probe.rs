@@ -5,7 +5,8 @@
 //! `cargo run --release -p engram-eval --example binding_probe -- [MODEL_DIR] [PEOPLE] [DOCS] [VARIANT]`
 //!
 //! VARIANT isolates a cause: `distinct` (no two people share a first or last name), `one-phrasing` (every biography
-//! in the first phrasing, so a value is always the same distance from its name), or `both`.
+//! in the first phrasing, so a value is always the same distance from its name), `both`, or `drill` (the binding
+//! drills' form: one sentence per person, all about the one attribute then asked of each person).
 
 use anyhow::Result;
 use engram_model::BaseModel;
@@ -37,13 +38,24 @@ fn main() -> Result<()> {
                 break ps;
             }
         };
-        let doc = if one_phrasing {
+        // Drawn only for drills, so the other variants keep the documents they always had.
+        let drill_attribute = if variant == "drill" { *rng.pick(&Attribute::ALL) } else { Attribute::ALL[0] };
+        let doc = if variant == "drill" {
+            let sentences: Vec<String> = ps
+                .iter()
+                .map(|p| {
+                    let phrasing = rng.below(engram_world::text::BIO_ORDER.len());
+                    engram_world::text::bio_sentence(drill_attribute, phrasing, &p.name(), p.value(drill_attribute))
+                })
+                .collect();
+            format!("<doc> {} </doc>", sentences.join(" "))
+        } else if one_phrasing {
             format!("<doc> {} </doc>", ps.iter().map(|p| p.bio(0)).collect::<Vec<_>>().join(" "))
         } else {
             world.document(&mut rng, &ps, false)
         };
         for (place, who) in ps.iter().enumerate() {
-            let attribute = *rng.pick(&Attribute::ALL);
+            let attribute = if variant == "drill" { drill_attribute } else { *rng.pick(&Attribute::ALL) };
             let (_, q, _) = world.question_about(&mut rng, who, attribute, Phrasing::Trained);
             let prompt = base.encode(&format!("<bos> {doc} {q}"))?;
             let got = base.llama.generate_greedy(&prompt, 1, eos, None)?;
