@@ -75,6 +75,15 @@ pub struct Drill {
     /// Drills only before this step; 0: the whole run.
     #[serde(default)]
     pub until: u64,
+    /// The share of drills in pair-recall form (`World::pair_recall_sample`: names and values with no words
+    /// between), which this model learns to bind where sentences leave it at chance; `attributes` does not apply
+    /// to them. 0: sentences only.
+    #[serde(default, skip_serializing_if = "no_pairs")]
+    pub pairs: f64,
+}
+
+fn no_pairs(p: &f64) -> bool {
+    *p == 0.0
 }
 
 fn no_recaps(r: &[usize; 2]) -> bool {
@@ -125,6 +134,9 @@ impl Mix {
         if kind == 4 {
             let d = self.drill.as_ref().expect("kind 4 is drawn only with drills");
             let people = rng.range(d.people[0], d.people[1]);
+            if d.pairs > 0.0 && rng.chance(d.pairs) {
+                return world.pair_recall_sample(rng, people);
+            }
             let attributes = rng.range(d.attributes[0], d.attributes[1]);
             return world.binding_drill_sample(rng, people, attributes, self.paraphrases);
         }

@@ -453,6 +453,24 @@ impl World {
         Sample { kind: SampleKind::Reading, segments }
     }
 
+    /// A pair-recall drill, binding in its barest form (Zoology's MQAR): `people` reading people as name-value pairs
+    /// of one attribute with no words between (`<doc> C D Y A B X </doc>`), then each name alone, answered by its
+    /// value. An induction head (find the earlier last name, copy the token after it) answers it, where a sentence
+    /// puts words between the name and its value and the question puts words after the name.
+    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize) -> Sample {
+        let people = self.draw_people(rng, Split::Reading, people);
+        let attribute = *rng.pick(&Attribute::ALL);
+        let pairs: Vec<String> = people.iter().map(|p| format!("{} {}", p.name(), p.value(attribute))).collect();
+        let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> <doc> {} </doc>", pairs.join(" ")) }];
+        let mut order: Vec<usize> = (0..people.len()).collect();
+        rng.shuffle(&mut order);
+        for i in order {
+            segments.push(Segment { role: Role::Prompt, text: people[i].name() });
+            segments.push(Segment { role: Role::Answer, text: format!("{} <eos>", people[i].value(attribute)) });
+        }
+        Sample { kind: SampleKind::Reading, segments }
+    }
+
     /// A training question about a random attribute of `person` (see [`World::training_question`]).
     pub fn training_question_for(
         &self,
@@ -663,6 +681,25 @@ pub fn reversed_digits(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pair_recall_drill_asks_every_name_once_for_the_value_right_after_it() {
+        let w = World::new();
+        let mut rng = Rng::derive(6, 2);
+        for _ in 0..20 {
+            let s = w.pair_recall_sample(&mut rng, 3);
+            let doc: Vec<&str> = s.segments[0].text.split_whitespace().collect();
+            assert_eq!((doc[0], doc[1], doc[doc.len() - 1], doc.len()), ("<bos>", "<doc>", "</doc>", 3 + 3 * 3));
+            let asked: Vec<_> = s.segments[1..].chunks(2).collect();
+            assert_eq!(asked.len(), 3);
+            for qa in asked {
+                assert_eq!((qa[0].role, qa[1].role), (Role::Prompt, Role::Answer));
+                let name: Vec<&str> = qa[0].text.split_whitespace().collect();
+                let at = doc.windows(2).position(|p| p == name.as_slice()).expect("the asked name is in the document");
+                assert_eq!(qa[1].text, format!("{} <eos>", doc[at + 2]));
+            }
+        }
+    }
 
     #[test]
     fn weighted_reading_questions_follow_their_weights() {
