@@ -7,7 +7,8 @@
 //! VARIANT isolates a cause: `distinct` (no two people share a first or last name), `one-phrasing` (every biography
 //! in the first phrasing, so a value is always the same distance from its name), `both`, or `drill` (the binding
 //! drills' form: one sentence per person, all about the one attribute then asked of each person), or `pairs` (the
-//! pair-recall drills' form: `<doc> C D Y A B X </doc> C D` answered by `Y`).
+//! pair-recall drills' form: `<doc> C D Y A B X </doc> C D` answered by `Y`), or `pairs-q` (the same documents, each
+//! name asked in a trained question).
 
 use anyhow::Result;
 use engram_model::BaseModel;
@@ -40,9 +41,12 @@ fn main() -> Result<()> {
             }
         };
         // Drawn only for drills, so the other variants keep the documents they always had.
-        let drill_attribute =
-            if variant == "drill" || variant == "pairs" { *rng.pick(&Attribute::ALL) } else { Attribute::ALL[0] };
-        let doc = if variant == "pairs" {
+        let drill_attribute = if matches!(variant, "drill" | "pairs" | "pairs-q") {
+            *rng.pick(&Attribute::ALL)
+        } else {
+            Attribute::ALL[0]
+        };
+        let doc = if variant.starts_with("pairs") {
             let pairs: Vec<String> = ps.iter().map(|p| format!("{} {}", p.name(), p.value(drill_attribute))).collect();
             format!("<doc> {} </doc>", pairs.join(" "))
         } else if variant == "drill" {
@@ -60,8 +64,11 @@ fn main() -> Result<()> {
             world.document(&mut rng, &ps, false)
         };
         for (place, who) in ps.iter().enumerate() {
-            let attribute =
-                if variant == "drill" || variant == "pairs" { drill_attribute } else { *rng.pick(&Attribute::ALL) };
+            let attribute = if matches!(variant, "drill" | "pairs" | "pairs-q") {
+                drill_attribute
+            } else {
+                *rng.pick(&Attribute::ALL)
+            };
             let (_, q, _) = world.question_about(&mut rng, who, attribute, Phrasing::Trained);
             let q = if variant == "pairs" { who.name() } else { q };
             let prompt = base.encode(&format!("<bos> {doc} {q}"))?;

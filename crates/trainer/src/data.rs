@@ -80,6 +80,9 @@ pub struct Drill {
     /// to them. 0: sentences only.
     #[serde(default, skip_serializing_if = "no_pairs")]
     pub pairs: f64,
+    /// Pair-recall drills ask each name in a trained question, not by the name alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pair_questions: bool,
 }
 
 fn no_pairs(p: &f64) -> bool {
@@ -135,7 +138,7 @@ impl Mix {
             let d = self.drill.as_ref().expect("kind 4 is drawn only with drills");
             let people = rng.range(d.people[0], d.people[1]);
             if d.pairs > 0.0 && rng.chance(d.pairs) {
-                return world.pair_recall_sample(rng, people);
+                return world.pair_recall_sample(rng, people, d.pair_questions);
             }
             let attributes = rng.range(d.attributes[0], d.attributes[1]);
             return world.binding_drill_sample(rng, people, attributes, self.paraphrases);

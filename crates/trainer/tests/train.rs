@@ -65,8 +65,14 @@ fn a_second_stage_starts_from_the_first_stages_weights() {
     // ended, not where a fresh model starts.
     let mut cfg = TrainConfig::tiny(7, 25);
     cfg.init_from = Some(first.path().to_path_buf());
-    cfg.mix.drill =
-        Some(engram_trainer::Drill { weight: 1.0, people: [2, 2], attributes: [1, 2], until: 0, pairs: 0.0 });
+    cfg.mix.drill = Some(engram_trainer::Drill {
+        weight: 1.0,
+        people: [2, 2],
+        attributes: [1, 2],
+        until: 0,
+        pairs: 0.0,
+        pair_questions: false,
+    });
     let second = tempfile::tempdir().unwrap();
     train(&cfg, second.path(), false).unwrap();
     let second_losses = log_losses(second.path());

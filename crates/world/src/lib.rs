@@ -456,8 +456,9 @@ impl World {
     /// A pair-recall drill, binding in its barest form (Zoology's MQAR): `people` reading people as name-value pairs
     /// of one attribute with no words between (`<doc> C D Y A B X </doc>`), then each name alone, answered by its
     /// value. An induction head (find the earlier last name, copy the token after it) answers it, where a sentence
-    /// puts words between the name and its value and the question puts words after the name.
-    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize) -> Sample {
+    /// puts words between the name and its value and the question puts words after the name. With `questions` each
+    /// name is asked in a trained question instead (words after the name, none between it and its value).
+    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize, questions: bool) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let attribute = *rng.pick(&Attribute::ALL);
         let pairs: Vec<String> = people.iter().map(|p| format!("{} {}", p.name(), p.value(attribute))).collect();
@@ -465,7 +466,9 @@ impl World {
         let mut order: Vec<usize> = (0..people.len()).collect();
         rng.shuffle(&mut order);
         for i in order {
-            segments.push(Segment { role: Role::Prompt, text: people[i].name() });
+            let prompt =
+                if questions { self.training_question(rng, &people[i], attribute, false).1 } else { people[i].name() };
+            segments.push(Segment { role: Role::Prompt, text: prompt });
             segments.push(Segment { role: Role::Answer, text: format!("{} <eos>", people[i].value(attribute)) });
         }
         Sample { kind: SampleKind::Reading, segments }
@@ -687,7 +690,7 @@ mod tests {
         let w = World::new();
         let mut rng = Rng::derive(6, 2);
         for _ in 0..20 {
-            let s = w.pair_recall_sample(&mut rng, 3);
+            let s = w.pair_recall_sample(&mut rng, 3, false);
             let doc: Vec<&str> = s.segments[0].text.split_whitespace().collect();
             assert_eq!((doc[0], doc[1], doc[doc.len() - 1], doc.len()), ("<bos>", "<doc>", "</doc>", 3 + 3 * 3));
             let asked: Vec<_> = s.segments[1..].chunks(2).collect();
