@@ -8,7 +8,7 @@
 //! in the first phrasing, so a value is always the same distance from its name), `both`, or `drill` (the binding
 //! drills' form: one sentence per person, all about the one attribute then asked of each person), or `pairs` (the
 //! pair-recall drills' form: `<doc> C D Y A B X </doc> C D` answered by `Y`), or `pairs-q` (the same documents, each
-//! name asked in a trained question).
+//! name asked in a trained question), or `pairs-?` (the same documents, each name asked as `C D ?`).
 
 use anyhow::Result;
 use engram_model::BaseModel;
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
             }
         };
         // Drawn only for drills, so the other variants keep the documents they always had.
-        let drill_attribute = if matches!(variant, "drill" | "pairs" | "pairs-q") {
+        let drill_attribute = if matches!(variant, "drill" | "pairs" | "pairs-q" | "pairs-?") {
             *rng.pick(&Attribute::ALL)
         } else {
             Attribute::ALL[0]
@@ -64,13 +64,17 @@ fn main() -> Result<()> {
             world.document(&mut rng, &ps, false)
         };
         for (place, who) in ps.iter().enumerate() {
-            let attribute = if matches!(variant, "drill" | "pairs" | "pairs-q") {
+            let attribute = if matches!(variant, "drill" | "pairs" | "pairs-q" | "pairs-?") {
                 drill_attribute
             } else {
                 *rng.pick(&Attribute::ALL)
             };
             let (_, q, _) = world.question_about(&mut rng, who, attribute, Phrasing::Trained);
-            let q = if variant == "pairs" { who.name() } else { q };
+            let q = match variant {
+                "pairs" => who.name(),
+                "pairs-?" => format!("{} ?", who.name()),
+                _ => q,
+            };
             let prompt = base.encode(&format!("<bos> {doc} {q}"))?;
             let got = base.llama.generate_greedy(&prompt, 1, eos, None)?;
             let said = base.decode(&got)?;

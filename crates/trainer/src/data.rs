@@ -83,6 +83,10 @@ pub struct Drill {
     /// Pair-recall drills ask each name in a trained question, not by the name alone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pair_questions: bool,
+    /// Otherwise the prompt pair-recall drills ask each name with (`{N}` is the name, e.g. `{N} ? A :`), to widen
+    /// the gap between the name and the answer one word at a time. Absent: the name alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair_prompt: Option<String>,
 }
 
 fn no_pairs(p: &f64) -> bool {
@@ -138,7 +142,13 @@ impl Mix {
             let d = self.drill.as_ref().expect("kind 4 is drawn only with drills");
             let people = rng.range(d.people[0], d.people[1]);
             if d.pairs > 0.0 && rng.chance(d.pairs) {
-                return world.pair_recall_sample(rng, people, d.pair_questions);
+                let mut s = world.pair_recall_sample(rng, people, d.pair_questions);
+                if let (Some(t), false) = (&d.pair_prompt, d.pair_questions) {
+                    for g in s.segments.iter_mut().filter(|g| g.role == engram_world::Role::Prompt) {
+                        g.text = engram_world::text::fill(t, &g.text, "");
+                    }
+                }
+                return s;
             }
             let attributes = rng.range(d.attributes[0], d.attributes[1]);
             return world.binding_drill_sample(rng, people, attributes, self.paraphrases);

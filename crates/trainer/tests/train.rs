@@ -72,6 +72,7 @@ fn a_second_stage_starts_from_the_first_stages_weights() {
         until: 0,
         pairs: 0.0,
         pair_questions: false,
+        pair_prompt: None,
     });
     let second = tempfile::tempdir().unwrap();
     train(&cfg, second.path(), false).unwrap();
