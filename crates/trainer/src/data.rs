@@ -142,13 +142,7 @@ impl Mix {
             let d = self.drill.as_ref().expect("kind 4 is drawn only with drills");
             let people = rng.range(d.people[0], d.people[1]);
             if d.pairs > 0.0 && rng.chance(d.pairs) {
-                let mut s = world.pair_recall_sample(rng, people, d.pair_questions);
-                if let (Some(t), false) = (&d.pair_prompt, d.pair_questions) {
-                    for g in s.segments.iter_mut().filter(|g| g.role == engram_world::Role::Prompt) {
-                        g.text = engram_world::text::fill(t, &g.text, "");
-                    }
-                }
-                return s;
+                return world.pair_recall_sample(rng, people, d.pair_questions, d.pair_prompt.as_deref());
             }
             let attributes = rng.range(d.attributes[0], d.attributes[1]);
             return world.binding_drill_sample(rng, people, attributes, self.paraphrases);

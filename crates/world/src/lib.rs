@@ -457,8 +457,9 @@ impl World {
     /// of one attribute with no words between (`<doc> C D Y A B X </doc>`), then each name alone, answered by its
     /// value. An induction head (find the earlier last name, copy the token after it) answers it, where a sentence
     /// puts words between the name and its value and the question puts words after the name. With `questions` each
-    /// name is asked in a trained question instead (words after the name, none between it and its value).
-    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize, questions: bool) -> Sample {
+    /// name is asked in a trained question instead (words after the name, none between it and its value); else
+    /// with `template` (`{N}` for the name, e.g. `{N} ?`) when given, to widen that gap one word at a time.
+    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize, questions: bool, template: Option<&str>) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let attribute = *rng.pick(&Attribute::ALL);
         let pairs: Vec<String> = people.iter().map(|p| format!("{} {}", p.name(), p.value(attribute))).collect();
@@ -466,8 +467,11 @@ impl World {
         let mut order: Vec<usize> = (0..people.len()).collect();
         rng.shuffle(&mut order);
         for i in order {
-            let prompt =
-                if questions { self.training_question(rng, &people[i], attribute, false).1 } else { people[i].name() };
+            let prompt = match (questions, template) {
+                (true, _) => self.training_question(rng, &people[i], attribute, false).1,
+                (false, Some(t)) => text::fill(t, &people[i].name(), ""),
+                (false, None) => people[i].name(),
+            };
             segments.push(Segment { role: Role::Prompt, text: prompt });
             segments.push(Segment { role: Role::Answer, text: format!("{} <eos>", people[i].value(attribute)) });
         }
@@ -690,7 +694,7 @@ mod tests {
         let w = World::new();
         let mut rng = Rng::derive(6, 2);
         for _ in 0..20 {
-            let s = w.pair_recall_sample(&mut rng, 3, false);
+            let s = w.pair_recall_sample(&mut rng, 3, false, None);
             let doc: Vec<&str> = s.segments[0].text.split_whitespace().collect();
             assert_eq!((doc[0], doc[1], doc[doc.len() - 1], doc.len()), ("<bos>", "<doc>", "</doc>", 3 + 3 * 3));
             let asked: Vec<_> = s.segments[1..].chunks(2).collect();
@@ -702,6 +706,9 @@ mod tests {
                 assert_eq!(qa[1].text, format!("{} <eos>", doc[at + 2]));
             }
         }
+        // A template widens the prompt around the name.
+        let s = w.pair_recall_sample(&mut rng, 2, false, Some("{N} ?"));
+        assert!(s.segments.iter().filter(|g| g.role == Role::Prompt).all(|g| g.text.ends_with(" ?")));
     }
 
     #[test]
