@@ -2,13 +2,14 @@
 //! about each person in turn and sorts the model's answers into right, another person's value of the same attribute
 //! (a binding failure), or anything else, by the asked person's place in the document.
 //!
-//! `cargo run --release -p engram-eval --example binding_probe -- [MODEL_DIR] [PEOPLE] [DOCS] [VARIANT]`
+//! `cargo run --release -p engram-eval --example binding_probe -- [MODEL_DIR] [PEOPLE] [DOCS] [VARIANT [DOC PROMPT]]`
 //!
 //! VARIANT isolates a cause: `distinct` (no two people share a first or last name), `one-phrasing` (every biography
 //! in the first phrasing, so a value is always the same distance from its name), `both`, or `drill` (the binding
-//! drills' form: one sentence per person, all about the one attribute then asked of each person), or `pairs` (the
-//! pair-recall drills' form: `<doc> C D Y A B X </doc> C D` answered by `Y`), or `pairs-q` (the same documents, each
-//! name asked in a trained question), or `pairs-?` (the same documents, each name asked as `C D ?`).
+//! drills' form: one sentence per person, all about the one attribute then asked of each person), or `form` (the
+//! pair-recall drills' form, `World::pair_recall`, with the entry template DOC and the question template PROMPT:
+//! `form '{N} {V}' '{N}'` is `<doc> C D Y A B X </doc> C D` answered by `Y`; `form '{S}' '{Q}'` is the drill in
+//! sentences).
 
 use anyhow::Result;
 use engram_model::BaseModel;
@@ -20,6 +21,11 @@ fn main() -> Result<()> {
     let people: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let docs: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(50);
     let variant = args.get(4).map(String::as_str).unwrap_or("as-trained");
+    let form = engram_world::PairForm {
+        docs: args.get(5).into_iter().cloned().collect(),
+        prompts: args.get(6).into_iter().cloned().collect(),
+    };
+    let drilled = matches!(variant, "drill" | "form");
     let distinct = matches!(variant, "distinct" | "both");
     let one_phrasing = matches!(variant, "one-phrasing" | "both");
     let base = BaseModel::load(std::path::Path::new(dir), &candle_core::Device::Cpu)?;
@@ -41,14 +47,13 @@ fn main() -> Result<()> {
             }
         };
         // Drawn only for drills, so the other variants keep the documents they always had.
-        let drill_attribute = if matches!(variant, "drill" | "pairs" | "pairs-q" | "pairs-?") {
-            *rng.pick(&Attribute::ALL)
-        } else {
-            Attribute::ALL[0]
-        };
-        let doc = if variant.starts_with("pairs") {
-            let pairs: Vec<String> = ps.iter().map(|p| format!("{} {}", p.name(), p.value(drill_attribute))).collect();
-            format!("<doc> {} </doc>", pairs.join(" "))
+        let drill_attribute = if drilled { *rng.pick(&Attribute::ALL) } else { Attribute::ALL[0] };
+        // A pair-recall form asks each person once, in the form's own order.
+        let mut asked = Vec::new();
+        let doc = if variant == "form" {
+            let (doc, qs) = world.pair_recall(&mut rng, &ps, drill_attribute, &form);
+            asked = qs;
+            doc
         } else if variant == "drill" {
             let sentences: Vec<String> = ps
                 .iter()
@@ -64,16 +69,10 @@ fn main() -> Result<()> {
             world.document(&mut rng, &ps, false)
         };
         for (place, who) in ps.iter().enumerate() {
-            let attribute = if matches!(variant, "drill" | "pairs" | "pairs-q" | "pairs-?") {
-                drill_attribute
-            } else {
-                *rng.pick(&Attribute::ALL)
-            };
-            let (_, q, _) = world.question_about(&mut rng, who, attribute, Phrasing::Trained);
-            let q = match variant {
-                "pairs" => who.name(),
-                "pairs-?" => format!("{} ?", who.name()),
-                _ => q,
+            let attribute = if drilled { drill_attribute } else { *rng.pick(&Attribute::ALL) };
+            let q = match asked.iter().find(|(i, _)| *i == place) {
+                Some((_, prompt)) => prompt.clone(),
+                _ => world.question_about(&mut rng, who, attribute, Phrasing::Trained).1,
             };
             let prompt = base.encode(&format!("<bos> {doc} {q}"))?;
             let got = base.llama.generate_greedy(&prompt, 1, eos, None)?;

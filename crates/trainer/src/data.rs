@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use engram_model::{Positions, Tokenizer};
-use engram_world::{Asking, Rng, Role, Sample, SampleKind, SkillTask, World, MAX_DOC_PEOPLE};
+use engram_world::{Asking, PairForm, Rng, Role, Sample, SampleKind, SkillTask, World, MAX_DOC_PEOPLE};
 use serde::{Deserialize, Serialize};
 
 /// Sampling weights of the kinds of training text, and loss weights of their roles.
@@ -80,13 +80,13 @@ pub struct Drill {
     /// to them. 0: sentences only.
     #[serde(default, skip_serializing_if = "no_pairs")]
     pub pairs: f64,
-    /// Pair-recall drills ask each name in a trained question, not by the name alone.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pair_questions: bool,
-    /// Otherwise the prompt pair-recall drills ask each name with (`{N}` is the name, e.g. `{N} ? A :`), to widen
-    /// the gap between the name and the answer one word at a time. Absent: the name alone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pair_prompt: Option<String>,
+    /// The templates pair-recall drills draw their entries and questions from. Absent: the bare form.
+    #[serde(default, skip_serializing_if = "is_bare")]
+    pub pair_form: PairForm,
+}
+
+fn is_bare(f: &PairForm) -> bool {
+    *f == PairForm::default()
 }
 
 fn no_pairs(p: &f64) -> bool {
@@ -142,7 +142,7 @@ impl Mix {
             let d = self.drill.as_ref().expect("kind 4 is drawn only with drills");
             let people = rng.range(d.people[0], d.people[1]);
             if d.pairs > 0.0 && rng.chance(d.pairs) {
-                return world.pair_recall_sample(rng, people, d.pair_questions, d.pair_prompt.as_deref());
+                return world.pair_recall_sample(rng, people, &d.pair_form);
             }
             let attributes = rng.range(d.attributes[0], d.attributes[1]);
             return world.binding_drill_sample(rng, people, attributes, self.paraphrases);

@@ -71,8 +71,7 @@ fn a_second_stage_starts_from_the_first_stages_weights() {
         attributes: [1, 2],
         until: 0,
         pairs: 0.0,
-        pair_questions: false,
-        pair_prompt: None,
+        pair_form: Default::default(),
     });
     let second = tempfile::tempdir().unwrap();
     train(&cfg, second.path(), false).unwrap();

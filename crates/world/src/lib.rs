@@ -15,7 +15,7 @@ mod rng;
 pub mod text;
 
 pub use rng::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use text::{HELDOUT_PHRASING, TRAINED_PHRASINGS};
 
 /// Fixes the vocabulary, the names and the splits. Changing it invalidates every shipped model.
@@ -182,6 +182,20 @@ impl Default for Asking<'_> {
     fn default() -> Self {
         Self { questions: [1, 3], attribute_weights: None, paraphrases: false, recaps: [0, 0], recap_wordings: false }
     }
+}
+
+/// The shape of a pair-recall drill ([`World::pair_recall_sample`]): templates drawn at random, one per document
+/// entry and one per question, so a curriculum can widen the gap between a name and its value, and between a name
+/// and the answer, a word at a time while keeping the earlier forms in the mix.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairForm {
+    /// A document entry, `{N}` the name and `{V}` the value (e.g. `{N} is {V} .`), or `{S}` for a biography
+    /// sentence of the drill's attribute in any phrasing. Empty: `{N} {V}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub docs: Vec<String>,
+    /// A question, `{N}` the name (e.g. `{N} ? A :`), or `{Q}` for a trained question in its frame. Empty: `{N}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<String>,
 }
 
 /// Which question phrasings a probe may use.
@@ -456,26 +470,63 @@ impl World {
     /// A pair-recall drill, binding in its barest form (Zoology's MQAR): `people` reading people as name-value pairs
     /// of one attribute with no words between (`<doc> C D Y A B X </doc>`), then each name alone, answered by its
     /// value. An induction head (find the earlier last name, copy the token after it) answers it, where a sentence
-    /// puts words between the name and its value and the question puts words after the name. With `questions` each
-    /// name is asked in a trained question instead (words after the name, none between it and its value); else
-    /// with `template` (`{N}` for the name, e.g. `{N} ?`) when given, to widen that gap one word at a time.
-    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize, questions: bool, template: Option<&str>) -> Sample {
+    /// puts words between the name and its value and the question puts words after the name. `form` widens either
+    /// gap (see [`PairForm`]); its default is the bare form.
+    pub fn pair_recall_sample(&self, rng: &mut Rng, people: usize, form: &PairForm) -> Sample {
         let people = self.draw_people(rng, Split::Reading, people);
         let attribute = *rng.pick(&Attribute::ALL);
-        let pairs: Vec<String> = people.iter().map(|p| format!("{} {}", p.name(), p.value(attribute))).collect();
-        let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> <doc> {} </doc>", pairs.join(" ")) }];
-        let mut order: Vec<usize> = (0..people.len()).collect();
-        rng.shuffle(&mut order);
-        for i in order {
-            let prompt = match (questions, template) {
-                (true, _) => self.training_question(rng, &people[i], attribute, false).1,
-                (false, Some(t)) => text::fill(t, &people[i].name(), ""),
-                (false, None) => people[i].name(),
-            };
+        let (document, asked) = self.pair_recall(rng, &people, attribute, form);
+        let mut segments = vec![Segment { role: Role::Text, text: format!("<bos> {document}") }];
+        for (i, prompt) in asked {
             segments.push(Segment { role: Role::Prompt, text: prompt });
             segments.push(Segment { role: Role::Answer, text: format!("{} <eos>", people[i].value(attribute)) });
         }
         Sample { kind: SampleKind::Reading, segments }
+    }
+
+    /// The document of a pair-recall drill about `attribute` of `people`, and each person asked once in random
+    /// order (index into `people`, prompt): shared by training and `binding_probe`, so both see the same forms.
+    pub fn pair_recall(
+        &self,
+        rng: &mut Rng,
+        people: &[Person],
+        attribute: Attribute,
+        form: &PairForm,
+    ) -> (String, Vec<(usize, String)>) {
+        let pick = |rng: &mut Rng, forms: &[String], bare: &'static str| -> String {
+            if forms.is_empty() {
+                bare.to_string()
+            } else {
+                rng.pick(forms).clone()
+            }
+        };
+        let entries: Vec<String> = people
+            .iter()
+            .map(|p| {
+                let template = pick(rng, &form.docs, "{N} {V}");
+                let template = if template == "{S}" {
+                    text::BIO[attribute.index()][rng.below(text::BIO_ORDER.len())].to_string()
+                } else {
+                    template
+                };
+                text::fill(&template, &p.name(), p.value(attribute))
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..people.len()).collect();
+        rng.shuffle(&mut order);
+        let asked = order
+            .into_iter()
+            .map(|i| {
+                let template = pick(rng, &form.prompts, "{N}");
+                let prompt = if template == "{Q}" {
+                    self.training_question(rng, &people[i], attribute, false).1
+                } else {
+                    text::fill(&template, &people[i].name(), "")
+                };
+                (i, prompt)
+            })
+            .collect();
+        (format!("<doc> {} </doc>", entries.join(" ")), asked)
     }
 
     /// A training question about a random attribute of `person` (see [`World::training_question`]).
@@ -694,7 +745,7 @@ mod tests {
         let w = World::new();
         let mut rng = Rng::derive(6, 2);
         for _ in 0..20 {
-            let s = w.pair_recall_sample(&mut rng, 3, false, None);
+            let s = w.pair_recall_sample(&mut rng, 3, &PairForm::default());
             let doc: Vec<&str> = s.segments[0].text.split_whitespace().collect();
             assert_eq!((doc[0], doc[1], doc[doc.len() - 1], doc.len()), ("<bos>", "<doc>", "</doc>", 3 + 3 * 3));
             let asked: Vec<_> = s.segments[1..].chunks(2).collect();
@@ -706,9 +757,19 @@ mod tests {
                 assert_eq!(qa[1].text, format!("{} <eos>", doc[at + 2]));
             }
         }
-        // A template widens the prompt around the name.
-        let s = w.pair_recall_sample(&mut rng, 2, false, Some("{N} ?"));
-        assert!(s.segments.iter().filter(|g| g.role == Role::Prompt).all(|g| g.text.ends_with(" ?")));
+        // Templates widen the prompt around the name and put words between a name and its value; `{S}` is a
+        // biography sentence, `{Q}` a trained question.
+        let form = PairForm { docs: vec!["{N} is {V} .".into()], prompts: vec!["{N} ? A :".into()] };
+        let s = w.pair_recall_sample(&mut rng, 2, &form);
+        assert!(s.segments[0].text.matches(" is ").count() == 2, "{}", s.segments[0].text);
+        assert!(s.segments.iter().filter(|g| g.role == Role::Prompt).all(|g| g.text.ends_with(" ? A :")));
+        let form = PairForm { docs: vec!["{S}".into()], prompts: vec!["{Q}".into()] };
+        let s = w.pair_recall_sample(&mut rng, 2, &form);
+        assert!(s.segments[0].text.matches(" . ").count() == 2, "{}", s.segments[0].text);
+        assert!(s.segments.iter().filter(|g| g.role == Role::Prompt).all(|g| g.text.starts_with("Q : ")));
+        for qa in s.segments[1..].chunks(2) {
+            assert!(s.segments[0].text.contains(qa[1].text.trim_end_matches(" <eos>")));
+        }
     }
 
     #[test]
