@@ -105,8 +105,7 @@ async fn a_leader_cut_off_from_etcd_steps_down_and_the_follower_takes_over() {
     eprintln!("cut coordinator-0 off from etcd at {at} live versions");
     // Recovery: from the cut to the first request acknowledged (durably, so by the new leader).
     let recovered = first_acknowledged(&coordinators, cut).await;
-    eprintln!("partition: first request acknowledged {:.2} s after the cut", recovered.as_secs_f64());
-    assert!(recovered < Duration::from_secs(7), "recovery took {recovered:?}, more than the lease (2 s) + 5 s");
+    recovered_within("a request acknowledged after the leader is cut off from etcd", recovered, LEASE);
     assert_eq!(leader_of(&coordinators, "part").await, 1, "the follower did not take over");
 
     // The cut-off leader noticed it could not keep its lease and left, without being told.

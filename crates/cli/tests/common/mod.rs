@@ -240,8 +240,10 @@ pub async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Ou
             );
         }
         if serving.iter().all(|s| *s == log.head) {
+            eprintln!("replicas serve the head {:.2} s after the last job", start.elapsed().as_secs_f64());
             break;
         }
+        // The default member lease (5 s) + 5 s.
         assert!(start.elapsed() < Duration::from_secs(10), "replicas serve {serving:?}, the head is {}", log.head);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
