@@ -11,8 +11,10 @@ use engram_model::{Positions, Tokenizer};
 use engram_world::{Asking, PairForm, Rng, Role, Sample, SampleKind, SkillTask, World, MAX_DOC_PEOPLE};
 use serde::{Deserialize, Serialize};
 
-/// Sampling weights of the kinds of training text, and loss weights of their roles.
+/// Sampling weights of the kinds of training text, and loss weights of their roles. A field a recipe misspells is an
+/// error, not silently the default.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Mix {
     /// In-context reading: a document, then questions whose answers are in it.
     pub reading: f64,
@@ -65,6 +67,7 @@ pub struct Mix {
 
 /// How often and how hard the binding drills are.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Drill {
     /// Relative frequency among the mix's sample kinds (reading, known_bio, closed_book, skill, drill).
     pub weight: f64,

@@ -52,6 +52,7 @@ impl Schedule {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub seed: u64,
     pub steps: u64,

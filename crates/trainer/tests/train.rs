@@ -92,3 +92,27 @@ fn a_second_stage_starts_from_the_first_stages_weights() {
     let err = format!("{:#}", train(&wrong, tempfile::tempdir().unwrap().path(), false).unwrap_err());
     assert!(err.contains("model shape"), "{err}");
 }
+
+/// Every committed recipe and the recorded configuration of the shipped base model parse, and a misspelt field is an
+/// error that names it rather than silently the default.
+#[test]
+fn recipes_parse_and_a_misspelt_field_is_refused() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root.join("recipes")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_json::from_str::<TrainConfig>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 5, "only {seen} recipes");
+    let shipped: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("../../models/base/training.json")).unwrap()).unwrap();
+    serde_json::from_value::<TrainConfig>(shipped["config"].clone()).unwrap();
+
+    let mut recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("recipes/bind-2-prompt.json")).unwrap()).unwrap();
+    recipe["mix"]["drill"]["pair_prompt"] = "{N} ?".into();
+    let e = serde_json::from_value::<TrainConfig>(recipe).unwrap_err().to_string();
+    assert!(e.contains("pair_prompt"), "{e}");
+}

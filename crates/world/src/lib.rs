@@ -188,6 +188,7 @@ impl Default for Asking<'_> {
 /// entry and one per question, so a curriculum can widen the gap between a name and its value, and between a name
 /// and the answer, a word at a time while keeping the earlier forms in the mix.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PairForm {
     /// A document entry, `{N}` the name and `{V}` the value (e.g. `{N} is {V} .`), or `{S}` for a biography
     /// sentence of the drill's attribute in any phrasing. Empty: `{N} {V}`.
