@@ -48,7 +48,7 @@ fn main() -> Result<()> {
         };
         // Drawn only for drills, so the other variants keep the documents they always had.
         let drill_attribute = if drilled { *rng.pick(&Attribute::ALL) } else { Attribute::ALL[0] };
-        // A pair-recall form asks each person once, in the form's own order.
+        // A pair-recall form's own prompt for each person (asked here in the document's order).
         let mut asked = Vec::new();
         let doc = if variant == "form" {
             let (doc, qs) = world.pair_recall(&mut rng, &ps, drill_attribute, &form);

@@ -169,6 +169,9 @@ pub fn train_until(
     resume: bool,
     stop_after: Option<u64>,
 ) -> Result<Option<TrainSummary>> {
+    if let Some(d) = &cfg.mix.drill {
+        d.pair_form.check().map_err(anyhow::Error::msg)?;
+    }
     let device = Device::Cpu;
     let world = World::new();
     let tok = tokenizer::build(&world)?;

@@ -98,11 +98,28 @@ fn a_second_stage_starts_from_the_first_stages_weights() {
 #[test]
 fn recipes_parse_and_a_misspelt_field_is_refused() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let world = engram_world::World::new();
+    let tok = engram_trainer::tokenizer::build(&world).unwrap();
+    let unk = tok.token_to_id("<unk>").unwrap();
     let mut seen = 0;
     for entry in std::fs::read_dir(root.join("recipes")).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).unwrap();
-        serde_json::from_str::<TrainConfig>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let cfg: TrainConfig = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Some(d) = &cfg.mix.drill {
+            d.pair_form.check().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        // Every word the recipe trains on is in the vocabulary.
+        let mut rng = engram_world::Rng::derive(cfg.seed, 0);
+        for step in 0..300 {
+            let sample = cfg.mix.sample(&world, &mut rng, step);
+            let text: Vec<&str> = sample.segments.iter().map(|g| g.text.as_str()).collect();
+            let ids = engram_model::encode(&tok, &text.join(" ")).unwrap();
+            assert!(!ids.contains(&unk), "{}: an unknown word in {text:?}", path.display());
+        }
         seen += 1;
     }
     assert!(seen >= 5, "only {seen} recipes");

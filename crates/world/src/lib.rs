@@ -199,6 +199,29 @@ pub struct PairForm {
     pub prompts: Vec<String>,
 }
 
+impl PairForm {
+    /// Why these templates cannot make a drill, if they cannot: an entry is `{S}` or holds `{N}` and `{V}` once each,
+    /// a question is `{Q}` or holds `{N}` once, and no other `{...}` appears (a typo would otherwise train as text).
+    pub fn check(&self) -> Result<(), String> {
+        let holes = |t: &str| t.matches('{').count();
+        for t in &self.docs {
+            let ok = t == "{S}" || (t.matches("{N}").count() == 1 && t.matches("{V}").count() == 1 && holes(t) == 2);
+            if !ok {
+                return Err(format!(
+                    "pair_form entry {t:?}: use {{S}}, or {{N}} and {{V}} once each and nothing else in braces"
+                ));
+            }
+        }
+        for t in &self.prompts {
+            let ok = t == "{Q}" || (t.matches("{N}").count() == 1 && holes(t) == 1);
+            if !ok {
+                return Err(format!("pair_form question {t:?}: use {{Q}}, or {{N}} once and nothing else in braces"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Which question phrasings a probe may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phrasing {
@@ -765,6 +788,15 @@ mod tests {
         assert!(s.segments[0].text.matches(" is ").count() == 2, "{}", s.segments[0].text);
         assert!(s.segments.iter().filter(|g| g.role == Role::Prompt).all(|g| g.text.ends_with(" ? A :")));
         let form = PairForm { docs: vec!["{S}".into()], prompts: vec!["{Q}".into()] };
+        assert_eq!(form.check(), Ok(()));
+        for bad in [
+            PairForm { docs: vec!["{S} .".into()], ..PairForm::default() },
+            PairForm { docs: vec!["{N} is .".into()], ..PairForm::default() },
+            PairForm { prompts: vec!["{n} ?".into()], ..PairForm::default() },
+            PairForm { prompts: vec!["{N} {V} ?".into()], ..PairForm::default() },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?} passed");
+        }
         let s = w.pair_recall_sample(&mut rng, 2, &form);
         assert!(s.segments[0].text.matches(" . ").count() == 2, "{}", s.segments[0].text);
         assert!(s.segments.iter().filter(|g| g.role == Role::Prompt).all(|g| g.text.starts_with("Q : ")));

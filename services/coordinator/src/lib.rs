@@ -836,7 +836,7 @@ impl Coordinator {
     async fn reap(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let lost: Vec<String> = {
+            let lost: Vec<(String, String)> = {
                 let mut st = self.state.lock().expect("state");
                 let now = Instant::now();
                 let dead: Vec<String> =
@@ -852,16 +852,20 @@ impl Coordinator {
                     }
                     live
                 });
-                let lost: Vec<String> =
-                    st.running.iter().filter(|(_, (w, _))| dead.contains(w)).map(|(j, _)| j.clone()).collect();
-                for j in &lost {
+                let lost: Vec<(String, String)> = st
+                    .running
+                    .iter()
+                    .filter(|(_, (w, _))| dead.contains(w))
+                    .map(|(j, (w, _))| (j.clone(), w.clone()))
+                    .collect();
+                for (j, _) in &lost {
                     st.running.remove(j);
                 }
                 lost
             };
-            for id in lost {
+            for (id, worker) in lost {
                 if let Ok(job) = self.store.job(&id).await {
-                    tracing::warn!(job = %id, "its worker is gone; queued again");
+                    tracing::warn!(job = %id, worker = %worker, "its worker is gone; queued again");
                     self.requeue(&job).await;
                 }
             }

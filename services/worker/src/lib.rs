@@ -306,6 +306,7 @@ impl Worker {
                     .await?
                     .into_inner();
                 let Some(job) = a.job.clone() else { continue };
+                tracing::info!(job = %job.id, "job taken (attempt {})", job.attempts);
                 let mut report = self.run_job(&a).await;
                 // The store or blob store briefly unavailable (an etcd member dying, a leader election) is not the
                 // job's fault: try again here before reporting a failure, which would be final.

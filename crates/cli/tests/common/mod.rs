@@ -240,10 +240,13 @@ pub async fn check(client: &Client, replica_addrs: &[String], ns: &str, out: &Ou
             );
         }
         if serving.iter().all(|s| *s == log.head) {
-            eprintln!("replicas serve the head {:.2} s after the last job", start.elapsed().as_secs_f64());
+            eprintln!(
+                "replicas serve the head {:.2} s after the load's jobs were checked",
+                start.elapsed().as_secs_f64()
+            );
             break;
         }
-        // The default member lease (5 s) + 5 s.
+        // The default member lease (5 s) + 5 s: the loosest bound of any scenario.
         assert!(start.elapsed() < Duration::from_secs(10), "replicas serve {serving:?}, the head is {}", log.head);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
