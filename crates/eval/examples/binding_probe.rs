@@ -104,12 +104,20 @@ fn main() -> Result<()> {
     }
     // The held-out phrasing in context, one-person documents, by attribute: which wording the model cannot read.
     let mut heldout = std::collections::BTreeMap::<&str, [usize; 2]>::new();
+    let mut missed = std::collections::BTreeSet::new();
     for _ in 0..200 {
         let p = world.reading_probe(&mut rng, Split::Fresh, 1, Phrasing::Heldout);
         let hit = engram_eval::score(&base.llama, &base.tokenizer, None, std::slice::from_ref(&p))?[0];
-        let e = heldout.entry(p.attribute.expect("reading probes have an attribute").name()).or_default();
+        let attribute = p.attribute.expect("reading probes have an attribute").name();
+        let e = heldout.entry(attribute).or_default();
         e[0] += hit as usize;
         e[1] += 1;
+        // What the model says instead, for the first miss of each attribute.
+        if !hit && missed.insert(attribute) {
+            let got = base.llama.generate_greedy(&base.encode(&p.prompt)?, 1, eos, None)?;
+            let question = p.prompt.rsplit("</doc>").next().unwrap_or("").trim();
+            println!("  held-out miss: {question} -> {:?} (want {})", base.decode(&got)?.trim(), p.answer);
+        }
     }
     println!("held-out phrasing in context: {heldout:?} (right, asked)");
     // The skills suite by task, for comparison: copying needs the same look-back-and-copy attention as reading.
