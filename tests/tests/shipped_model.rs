@@ -37,11 +37,9 @@ fn shipped_model_reproduces_its_card_and_knows_only_what_it_should() {
     assert!(report.closed_book_fresh <= 0.10, "the base model already knows fresh people: {report:?}");
 }
 
-/// The full bar of issue 2. The shipped model does not reach it yet: four-person reading stays at chance (a value is
-/// never tied to its name) and skills at 0.50 (fixed-width addition never right); the held-out phrasing passes
-/// (0.905). See MODEL_CARD.md and the issue's notes. Run with `cargo test -- --ignored` to see where it stands.
+/// The full bar of issue 2: reading one- and four-person documents, the held-out phrasing, known people, skills,
+/// and not knowing fresh people before injection.
 #[test]
-#[ignore = "issue 2 open: the shipped model's four-person reading and skills are below the bar"]
 fn shipped_model_meets_the_base_acceptance_bar() {
     let (report, _) = evaluate_shipped();
     for (suite, value, bar) in [
