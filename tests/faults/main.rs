@@ -198,9 +198,10 @@ async fn kill_a_worker_a_replica_and_the_coordinator_under_load() {
         assert!(start.elapsed() < Duration::from_secs(60), "worker-0 took no job within 60 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let at = live_jobs(&client, "faults").await;
-    drop(workers.remove(0)); // SIGKILL
+    // SIGKILL at once: any call in between (even asking how many versions are live) gives the job time to end.
+    drop(workers.remove(0));
     let worker_killed = now_ms();
+    let at = live_jobs(&client, "faults").await;
     eprintln!("killed worker-0 at {at} live versions");
 
     // A replica dies and comes back on the same address: it rebuilds the head from the blob store.

@@ -326,6 +326,10 @@ enum BenchCommand {
         /// attribute's centre over the known people's questions (false: the questions' direction itself).
         #[arg(long, action = clap::ArgAction::Set, default_value_t = engram_compose::MemoryConfig::default().attribute_centred)]
         memory_attribute_centred: bool,
+        /// Memory strategy: each fact's answer is the base model's reading of the document in context (where it
+        /// fits the context window); false: the candidate delta's answer.
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = engram_compose::MemoryConfig::default().read_in_context)]
+        memory_read_in_context: bool,
         #[arg(long, value_enum, default_value_t = InjectorKind::Hypernet)]
         injector: InjectorKind,
         /// Distillation steps (with --injector distill).
@@ -591,6 +595,7 @@ fn main() -> Result<()> {
             memory_protected_samples,
             memory_unsure_margin,
             memory_attribute_centred,
+            memory_read_in_context,
             compact_every,
             csv,
             plot,
@@ -629,6 +634,7 @@ fn main() -> Result<()> {
                         protected_samples: memory_protected_samples,
                         unsure_margin: memory_unsure_margin,
                         attribute_centred: memory_attribute_centred,
+                        read_in_context: memory_read_in_context,
                         search_steps,
                         search_lr,
                         ..Default::default()

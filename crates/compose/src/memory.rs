@@ -5,11 +5,11 @@
 //! "Composition, measured"). A memory entry needs no room in any weight: the thousandth is stored exactly like
 //! the first, and nothing before the head sees it, so entries cannot disturb each other's keys or the model's.
 //!
-//! For each person a document names, the candidate (the injector's delta) answers every trained question about
-//! them. The entry's key is the mean direction of those questions' final residuals at the last prompt token,
+//! For each person a document names, the base model reading the document in context answers every trained question
+//! about them (or the candidate, the injector's delta, where the document does not fit the context window). The entry's key is the mean direction of those questions' final residuals at the last prompt token,
 //! centred on the protected texts' mean, less its attribute's centre (below); a probe found that the mean direction
 //! identifies the person (98% top-1 among 1,000 people for a question phrasing never used to build the key, on an
-//! earlier base model) while a per-question key does not carry over to new phrasings (20%). The entry's value is one residual change, searched so the head gives the candidate's answer
+//! earlier base model) while a per-question key does not carry over to new phrasings (20%). The entry's value is one residual change, searched so the head gives that answer
 //! to all of those questions at once: the question's own residual already selects the attribute, so one vector
 //! serves every attribute and phrasing. Its threshold is the highest cosine any protected position (known facts,
 //! reading, skills) reaches against the key, so the entry stays silent on everything the model must keep.
@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use candle_nn::Optimizer;
 use engram_lora::{Delta, Memory};
-use engram_model::{ForwardOptions, Kernels, Llama, LoraSet, Positions, Tokenizer};
+use engram_model::{ForwardOptions, Kernels, KvCache, Llama, LoraSet, Positions, Tokenizer};
 use engram_world::{Attribute, World};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +73,13 @@ pub struct MemoryConfig {
     /// the attribute stay far from it. A configuration written before this field existed keeps the old keys.
     #[serde(default)]
     pub attribute_centred: bool,
+    /// Take each fact's answer from the base model reading the document in context, where the document and the
+    /// question fit its context window, instead of from the candidate delta (which still answers for longer
+    /// documents). The hypernetwork's delta gets one answer in four right on four-person documents, where the base
+    /// model reads 0.96: its delta writes each attribute's values without tying them to names. A configuration
+    /// written before this field existed keeps the candidate's answers.
+    #[serde(default)]
+    pub read_in_context: bool,
     pub protected_samples: usize,
     pub seed: u64,
 }
@@ -89,10 +96,19 @@ impl Default for MemoryConfig {
             gate: 0.8,
             unsure_margin: 0.08,
             attribute_centred: true,
+            read_in_context: true,
             protected_samples: 400,
             seed: 0x5AFE,
         }
     }
+}
+
+/// Where an entry's answer comes from.
+enum AnswerSource<'a> {
+    /// The injector's delta on the base model, asked closed book.
+    Candidate(&'a LoraSet),
+    /// The base model with the document read into this cache, asked in context.
+    Reading(KvCache),
 }
 
 pub struct SideMemoryStrategy {
@@ -279,17 +295,29 @@ impl SideMemoryStrategy {
         &self.cfg
     }
 
-    /// The candidate's first answer token for each prompt. One fact has one value: with one entry per fact every
-    /// wording gets the token the candidate favours over all of them together (the highest summed
-    /// log-probability), so that one value is searched for, not two answers it cannot give at once when the
-    /// candidate's wordings disagree.
-    fn candidate_answers(&self, prompts: &[Vec<u32>], lora: &LoraSet) -> Result<Vec<u32>> {
-        let opts = ForwardOptions { lora: Some(lora), ..ForwardOptions::inference() };
+    /// The first answer token for each prompt (`<bos> question`): of the base model with the candidate applied,
+    /// or of the base model reading the document, whose keys and values `Reading` holds (each question continues
+    /// a copy of that cache, so the document is run once per injection, not once per question). One fact has one
+    /// value: with one entry per fact every wording gets the token favoured over all of them together (the highest
+    /// summed log-probability), so that one value is searched for, not two answers it cannot give at once when the
+    /// wordings disagree.
+    fn first_answers(&self, prompts: &[Vec<u32>], source: &AnswerSource) -> Result<Vec<u32>> {
         let mut summed: Option<Tensor> = None;
         let mut answers = Vec::with_capacity(prompts.len());
         for p in prompts {
-            let ids = Tensor::new(p.as_slice(), self.base.device())?.unsqueeze(0)?;
-            let logits = self.base.forward(&ids, &Positions::From(0), &opts)?.logits.flatten_all()?;
+            let logits = match source {
+                AnswerSource::Candidate(lora) => {
+                    let ids = Tensor::new(p.as_slice(), self.base.device())?.unsqueeze(0)?;
+                    let opts = ForwardOptions { lora: Some(lora), ..ForwardOptions::inference() };
+                    self.base.forward(&ids, &Positions::From(0), &opts)?.logits
+                }
+                AnswerSource::Reading(document) => {
+                    let ids = Tensor::new(&p[1..], self.base.device())?.unsqueeze(0)?;
+                    let mut cache = document.clone();
+                    self.base.forward_cached(&ids, &mut cache, &ForwardOptions::inference())?.logits
+                }
+            }
+            .flatten_all()?;
             answers.push(logits.argmax(0)?.to_scalar::<u32>()?);
             let lp = candle_nn::ops::log_softmax(&logits, 0)?;
             summed = Some(match summed {
@@ -304,6 +332,24 @@ impl SideMemoryStrategy {
             }
         }
         Ok(answers)
+    }
+
+    /// The base model's keys and values after reading `document` in context (`<bos> <doc> sentences </doc>`;
+    /// markers already in the text are dropped, as the injector's chunks drop them), or None where it and a question
+    /// of `question_tokens` (`<bos>` included) do not fit the context window together.
+    fn read(&self, document: &str, question_tokens: usize) -> Result<Option<KvCache>> {
+        let tok = &self.tokenizer;
+        let id = |t: &str| tok.token_to_id(t).with_context(|| format!("tokenizer has no {t}"));
+        let (bos, doc, end) = (id("<bos>")?, id("<doc>")?, id("</doc>")?);
+        let body = engram_model::encode(tok, document)?.into_iter().filter(|&t| t != bos && t != doc && t != end);
+        let prefix: Vec<u32> = [bos, doc].into_iter().chain(body).chain([end]).collect();
+        if prefix.len() + question_tokens.saturating_sub(1) > self.base.config().max_position_embeddings {
+            return Ok(None);
+        }
+        let mut cache = KvCache::new(self.base.config());
+        let ids = Tensor::new(prefix.as_slice(), self.base.device())?.unsqueeze(0)?;
+        self.base.forward_cached(&ids, &mut cache, &ForwardOptions::inference())?;
+        Ok(Some(cache))
     }
 
     /// The change `v` of the normed final residual after which `head` gives `answers[i]` at every `x[i]` (final
@@ -369,15 +415,27 @@ impl Strategy for SideMemoryStrategy {
                 facts.push((name.clone(), centre(None)?, questions.into_iter().map(|(_, q)| q).collect()));
             }
         }
+        let longest = facts
+            .iter()
+            .flat_map(|(_, _, qs)| qs)
+            .map(|q| engram_model::encode(tok, &format!("<bos> {q}")).map(|ids| ids.len()))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let source = match self.cfg.read_in_context.then(|| self.read(document, longest)).transpose()?.flatten() {
+            Some(cache) => AnswerSource::Reading(cache),
+            None => AnswerSource::Candidate(&lora),
+        };
         for (name, centre, questions) in &facts {
             let t0 = std::time::Instant::now();
             let prompts: Vec<Vec<u32>> = questions
                 .iter()
                 .map(|q| engram_model::encode(tok, &format!("<bos> {q}")))
                 .collect::<std::result::Result<_, _>>()?;
-            // The candidate's answer is what the entry must make the head say. It was made for the base model, and
-            // earlier entries must not answer for it.
-            let answers = self.candidate_answers(&prompts, &lora)?;
+            // The answer is what the entry must make the head say: the base model's reading of the document, or the
+            // candidate's. Both are the base model's, so earlier entries cannot answer for it.
+            let answers = self.first_answers(&prompts, &source)?;
             // The memory changes no residual; matching its entries would only make each injection cost O(N).
             let x = final_residuals(&head.without_memory(), &prompts, pad, true)?;
             let (v, reached) = self.search(head, &x, &answers)?;

@@ -35,9 +35,14 @@ fn memory() -> std::sync::MutexGuard<'static, SideMemoryStrategy> {
 }
 
 fn bench(strategy: &mut dyn Strategy, n: usize) -> SequentialReport {
+    bench_documents_of(strategy, n, 1)
+}
+
+fn bench_documents_of(strategy: &mut dyn Strategy, n: usize, people_per_doc: usize) -> SequentialReport {
     let base = base();
     let injector = HyperInjector::load(&root().join("models/hypernet"), base).unwrap();
     let mut cfg = SequentialConfig::new(n);
+    cfg.people_per_doc = people_per_doc;
     cfg.eval_every = n;
     cfg.locality_items = 100;
     let r = run(base, &injector, strategy, 0.0, &cfg, &mut |_| {}).unwrap();
@@ -56,8 +61,8 @@ fn memit_keeps_twenty_documents_that_naive_accumulation_destroys() {
     assert!(naive.locality < 0.5, "naive accumulation no longer collapses: locality {}", naive.locality);
     assert!(naive.drift > 2.0, "naive drift {}", naive.drift);
     assert!(kept.reliability >= 0.9, "memit reliability {}", kept.reliability);
-    // Known recall, one-person reading and skills stay within 3%. Four-person reading sits at chance on the shipped
-    // base (0.275, four people), so on 100 items its ratio to the base moves by about 0.16 from sampling alone.
+    // Known recall, one-person reading and skills stay within 3%. Four-person reading keeps a looser floor: on the
+    // previous base it sat at chance (0.275), where 100 items move its ratio by about 0.16 from sampling alone.
     for (suite, kept_ratio) in &kept.locality_by_suite {
         let floor = if suite == "icl_multi" { 0.8 } else { 0.97 };
         assert!(*kept_ratio >= floor, "memit locality on {suite}: {kept_ratio}");
@@ -80,6 +85,31 @@ fn side_memory_keeps_forty_documents_exactly_and_leaves_the_model_alone() {
     assert_eq!(r.chain_length, 40);
 }
 
+/// Four people per document: the hypernetwork's delta writes each attribute's values without tying them to names
+/// (one answer in four right), while the base model reads such documents in context at 0.96. The memory strategy
+/// takes its answers from that reading.
+#[test]
+fn side_memory_writes_four_person_documents_as_the_model_reads_them() {
+    let read = bench_documents_of(&mut *memory(), 10, 4).last;
+    let setup = memory().setup().unwrap();
+    let base = base();
+    let cfg = MemoryConfig { read_in_context: false, ..Default::default() };
+    let mut from_candidate = SideMemoryStrategy::from_setup(&base.llama, &base.tokenizer, cfg, &setup).unwrap();
+    let written = bench_documents_of(&mut from_candidate, 10, 4).last;
+    eprintln!(
+        "40 people in 10 documents: reliability {} read in context, {} from the candidate",
+        read.reliability, written.reliability
+    );
+    assert!(read.reliability >= 0.85, "four-person documents read in context: reliability {}", read.reliability);
+    assert!(
+        read.reliability > written.reliability,
+        "reading {} against the candidate {}",
+        read.reliability,
+        written.reliability
+    );
+    assert!(read.locality >= 0.99, "memory locality {}", read.locality);
+}
+
 #[test]
 fn a_memory_chain_compacts_into_one_delta_serving_the_same_answers() {
     let base = base();
@@ -90,7 +120,8 @@ fn a_memory_chain_compacts_into_one_delta_serving_the_same_answers() {
     let people = world.new_people(&mut rng, 3);
     let mut head = base.llama.clone();
     let mut chain = Vec::new();
-    // What each candidate delta itself answers: the memory can serve no more than the injector wrote.
+    // What each candidate delta itself answers closed book (the entries take their answers from the model reading
+    // the document, which on one-person documents agrees with the candidate).
     let mut written = 0;
     for p in &people {
         let doc = world.document(&mut rng, std::slice::from_ref(p), false);
@@ -118,8 +149,7 @@ fn a_memory_chain_compacts_into_one_delta_serving_the_same_answers() {
     assert_eq!(a, b);
     let served = a.iter().filter(|&&x| x).count();
     eprintln!("served {served} of 30, the candidates alone {written}");
-    // Nothing the injector wrote is lost. (With the shipped hypernetwork these three people's candidates miss both
-    // wordings of two field facts: 25 of 30; the entries' one value per fact serves one of those wordings too.)
+    // Nothing the injector wrote is lost, and the compacted delta serves the same answers.
     assert!(served >= written && served >= 24, "{a:?} (the candidates alone answered {written})");
     // The base model knew none of it.
     let before = engram_eval::exact_match(&base.llama, &base.tokenizer, None, &probes).unwrap();
