@@ -6,10 +6,12 @@
 //! the first, and nothing before the head sees it, so entries cannot disturb each other's keys or the model's.
 //!
 //! For each person a document names, the base model reading the document in context answers every trained question
-//! about them (or the candidate, the injector's delta, where the document does not fit the context window). The entry's key is the mean direction of those questions' final residuals at the last prompt token,
-//! centred on the protected texts' mean, less its attribute's centre (below); a probe found that the mean direction
-//! identifies the person (98% top-1 among 1,000 people for a question phrasing never used to build the key, on an
-//! earlier base model) while a per-question key does not carry over to new phrasings (20%). The entry's value is one residual change, searched so the head gives that answer
+//! about them (or the candidate, the injector's delta, where the document does not fit the context window). The
+//! entry's key is the mean direction of those questions' final residuals at the last prompt token, centred on the
+//! protected texts' mean, less its attribute's centre (below); a probe found that the mean direction identifies the
+//! person (98% top-1 among 1,000 people for a question phrasing never used to build the key, on an earlier base
+//! model) while a per-question key does not carry over to new phrasings (20%). The entry's value is one residual
+//! change, searched so the head gives that answer
 //! to all of those questions at once: the question's own residual already selects the attribute, so one vector
 //! serves every attribute and phrasing. Its threshold is the highest cosine any protected position (known facts,
 //! reading, skills) reaches against the key, so the entry stays silent on everything the model must keep.
@@ -395,8 +397,14 @@ impl Strategy for SideMemoryStrategy {
         let hidden = head.config().hidden_size;
         let (mut keys, mut values, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
         let (mut gates, mut unsure_thresholds) = (Vec::new(), Vec::new());
-        // (what the entry is about, the centre its key is measured from, its questions)
-        let mut facts: Vec<(String, Tensor, Vec<String>)> = Vec::new();
+        // (what the entry is about, the centre its key is measured from, its questions as `<bos> question` tokens)
+        let mut facts: Vec<(String, Tensor, Vec<Vec<u32>>)> = Vec::new();
+        let encode = |qs: Vec<String>| -> Result<Vec<Vec<u32>>> {
+            Ok(qs
+                .iter()
+                .map(|q| engram_model::encode(tok, &format!("<bos> {q}")))
+                .collect::<std::result::Result<_, _>>()?)
+        };
         let centre = |a: Option<Attribute>| -> Result<Tensor> {
             Ok(match (self.cfg.attribute_centred, a) {
                 (false, _) => Tensor::zeros((1, hidden), DType::F32, head.device())?,
@@ -409,35 +417,24 @@ impl Strategy for SideMemoryStrategy {
             if self.cfg.per_fact {
                 for a in Attribute::ALL {
                     let qs = questions.iter().filter(|(b, _)| *b == a).map(|(_, q)| q.clone()).collect();
-                    facts.push((format!("{name} {}", a.name()), centre(Some(a))?, qs));
+                    facts.push((format!("{name} {}", a.name()), centre(Some(a))?, encode(qs)?));
                 }
             } else {
-                facts.push((name.clone(), centre(None)?, questions.into_iter().map(|(_, q)| q).collect()));
+                facts.push((name.clone(), centre(None)?, encode(questions.into_iter().map(|(_, q)| q).collect())?));
             }
         }
-        let longest = facts
-            .iter()
-            .flat_map(|(_, _, qs)| qs)
-            .map(|q| engram_model::encode(tok, &format!("<bos> {q}")).map(|ids| ids.len()))
-            .collect::<std::result::Result<Vec<_>, _>>()?
-            .into_iter()
-            .max()
-            .unwrap_or(0);
+        let longest = facts.iter().flat_map(|(_, _, ps)| ps).map(Vec::len).max().unwrap_or(0);
         let source = match self.cfg.read_in_context.then(|| self.read(document, longest)).transpose()?.flatten() {
             Some(cache) => AnswerSource::Reading(cache),
             None => AnswerSource::Candidate(&lora),
         };
-        for (name, centre, questions) in &facts {
+        for (name, centre, prompts) in &facts {
             let t0 = std::time::Instant::now();
-            let prompts: Vec<Vec<u32>> = questions
-                .iter()
-                .map(|q| engram_model::encode(tok, &format!("<bos> {q}")))
-                .collect::<std::result::Result<_, _>>()?;
             // The answer is what the entry must make the head say: the base model's reading of the document, or the
             // candidate's. Both are the base model's, so earlier entries cannot answer for it.
-            let answers = self.first_answers(&prompts, &source)?;
+            let answers = self.first_answers(prompts, &source)?;
             // The memory changes no residual; matching its entries would only make each injection cost O(N).
-            let x = final_residuals(&head.without_memory(), &prompts, pad, true)?;
+            let x = final_residuals(&head.without_memory(), prompts, pad, true)?;
             let (v, reached) = self.search(head, &x, &answers)?;
             let dirs = directions(&x, &self.mean)?;
             let key = unit(&dirs.mean_keepdim(0)?.sub(centre)?)?;
